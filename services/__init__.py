@@ -1,0 +1,1 @@
+"""The clipsearch services: gateway, worker, query, and the local stack runner."""

@@ -1,0 +1,1 @@
+"""The public HTTP entry: uploads, jobs, images, search proxy. Never imports torch."""

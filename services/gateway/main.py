@@ -1,0 +1,283 @@
+"""The gateway app: uploads and jobs, images, the search proxy, health."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+from python_multipart.exceptions import MultipartParseError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from services.gateway.auth import require_read, require_write
+from services.gateway.ingest import Limits
+from services.gateway.submit import submit_job
+from shared.blobs import BlobStore
+from shared.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from shared.http import error_response, install_error_handlers
+from shared.jobs import JobStore
+from shared.settings import Settings, get_settings
+from shared.tasks import make_celery
+from shared.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
+ImageId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Gateway:
+    """The clients and stores one gateway process holds."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.jobs = JobStore.from_url(settings.redis_url)
+        self.blobs = BlobStore(settings.blob_dir)
+        self.celery = make_celery(settings)
+        token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+        self.vectors = VectorStore(
+            uri=settings.milvus_uri,
+            token=token,
+            collection=settings.milvus_collection,
+            index=settings.milvus_index,
+        )
+        self.limits = Limits(
+            max_file_bytes=settings.max_file_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_archive_entries=settings.max_archive_entries,
+            max_archive_bytes=settings.max_archive_bytes,
+        )
+        # One pooled keep-alive client to the query service.
+        self.query = httpx.AsyncClient(base_url=settings.query_url, timeout=30.0)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.gw = Gateway(get_settings())
+    yield
+    await app.state.gw.query.aclose()
+
+
+app = FastAPI(title="clipsearch gateway", version="0.1.0", lifespan=lifespan)
+install_error_handlers(app)
+
+
+def gw(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gw
+    return gateway
+
+
+@app.middleware("http")
+async def limit_body(request: Request, call_next: Any) -> Response:
+    """Refuse an oversized upload from its Content-Length, before reading it."""
+    if request.method == "POST" and request.url.path == "/v1/jobs":
+        limit = get_settings().max_upload_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            return error_response(
+                413, "payload_too_large", f"the request is {length} bytes; the limit is {limit}"
+            )
+    response: Response = await call_next(request)
+    return response
+
+
+def _metadata(raw: str | None, limit: int) -> dict[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    if len(raw.encode()) > limit:
+        raise InvalidInput(f"metadata is over {limit} bytes", code="invalid_metadata")
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"metadata is not valid JSON: {exc}", code="invalid_metadata") from exc
+    if not isinstance(value, dict):
+        raise InvalidInput("metadata must be a JSON object", code="invalid_metadata")
+    return value
+
+
+@app.post("/v1/jobs", status_code=202, dependencies=[Depends(require_write)])
+async def create_job(request: Request) -> JSONResponse:
+    """Accept images (or zip/tar archives of them) as one job; embedding happens later."""
+    g = gw(request)
+    s = g.settings
+    try:
+        form = await request.form(
+            max_files=s.max_files_per_job, max_fields=100, max_part_size=s.max_metadata_bytes + 1024
+        )
+    except (MultiPartException, MultipartParseError) as exc:
+        code = "too_many_files" if "many files" in str(exc) else "bad_multipart"
+        raise InvalidInput(f"cannot read the upload: {exc}", code=code) from exc
+    try:
+        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
+        if not files:
+            raise InvalidInput(
+                "no files: send images as repeated multipart 'files' fields", code="no_files"
+            )
+        raw_meta = form.get("metadata")
+        metadata = _metadata(raw_meta if isinstance(raw_meta, str) else None, s.max_metadata_bytes)
+
+        def read_all() -> list[tuple[str, bytes]]:
+            out = []
+            for f in files:
+                data = f.file.read(s.max_upload_bytes + 1)
+                if len(data) > s.max_upload_bytes:
+                    raise PayloadTooLarge(
+                        f"{f.filename} is over the upload limit", code="payload_too_large"
+                    )
+                out.append((f.filename or "unnamed", data))
+            return out
+
+        uploads = await run_in_threadpool(read_all)
+        sub = await run_in_threadpool(
+            lambda: submit_job(
+                uploads=uploads,
+                metadata=metadata,
+                limits=g.limits,
+                max_items=s.max_files_per_job,
+                batch_size=s.embed_batch_size,
+                blobs=g.blobs,
+                jobs=g.jobs,
+                celery=g.celery,
+                idempotency_key=request.headers.get("idempotency-key"),
+            )
+        )
+    finally:
+        await form.close()
+    body: dict[str, Any] = {
+        "job_id": sub.job_id,
+        "status_url": f"/v1/jobs/{sub.job_id}",
+        "total": sub.total,
+        "rejected": [
+            {"filename": r.filename, "code": r.code, "detail": r.detail} for r in sub.rejected
+        ],
+    }
+    return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
+
+
+@app.get("/v1/jobs", dependencies=[Depends(require_read)])
+def list_jobs(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
+    """Recent jobs, newest first."""
+    return {"jobs": gw(request).jobs.recent(limit=limit)}
+
+
+@app.get("/v1/jobs/{job_id}", dependencies=[Depends(require_read)])
+def get_job(request: Request, job_id: JobId) -> dict[str, Any]:
+    """A job's state, counters, timings and per-item errors."""
+    return gw(request).jobs.get(job_id)
+
+
+@app.delete("/v1/jobs/{job_id}", dependencies=[Depends(require_write)])
+def cancel_job(request: Request, job_id: JobId) -> dict[str, Any]:
+    """Cancel a job: batches not yet started are skipped."""
+    g = gw(request)
+    g.jobs.cancel(job_id)
+    return g.jobs.get(job_id)
+
+
+@app.get("/v1/images/{image_id}", dependencies=[Depends(require_read)])
+def get_image(request: Request, image_id: ImageId) -> FileResponse:
+    """The stored bytes of an image, with their content type."""
+    path = gw(request).blobs.path(image_id)
+    if not path.exists():
+        raise NotFound(f"no image {image_id}", code="image_not_found")
+    return FileResponse(
+        path,
+        media_type=_media_type(path),
+        headers={"Cache-Control": "public, max-age=31536000, immutable"},
+    )
+
+
+def _media_type(path: Path) -> str:
+    try:
+        with Image.open(path) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (OSError, ValueError):
+        return "application/octet-stream"
+
+
+@app.delete("/v1/images/{image_id}", dependencies=[Depends(require_write)])
+def delete_image(request: Request, image_id: ImageId) -> dict[str, Any]:
+    """Remove an image's vector and bytes."""
+    g = gw(request)
+    removed = g.vectors.delete(image_id) if g.vectors.exists() else 0
+    had_blob = g.blobs.delete(image_id)
+    if not removed and not had_blob:
+        raise NotFound(f"no image {image_id}", code="image_not_found")
+    return {"image_id": image_id, "deleted": True}
+
+
+async def _proxy(request: Request, method: str, path: str, **kwargs: Any) -> Response:
+    try:
+        upstream = await gw(request).query.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise Unavailable(
+            f"the query service is unavailable: {exc.__class__.__name__}", code="query_unavailable"
+        ) from exc
+    return Response(
+        upstream.content, upstream.status_code, media_type=upstream.headers.get("content-type")
+    )
+
+
+@app.get("/v1/search", dependencies=[Depends(require_read)])
+async def search(request: Request) -> Response:
+    """Text search, answered by the query service."""
+    return await _proxy(request, "GET", "/v1/search", params=request.query_params)
+
+
+@app.post("/v1/search", dependencies=[Depends(require_read)])
+async def search_post(request: Request) -> Response:
+    """Text search with a JSON body, answered by the query service."""
+    return await _proxy(
+        request,
+        "POST",
+        "/v1/search",
+        content=await request.body(),
+        headers={"content-type": request.headers.get("content-type", "")},
+    )
+
+
+@app.post("/v1/search/image", dependencies=[Depends(require_read)])
+async def search_image(request: Request) -> Response:
+    """Image-to-image search, answered by the query service."""
+    return await _proxy(
+        request,
+        "POST",
+        "/v1/search/image",
+        content=await request.body(),
+        headers={"content-type": request.headers.get("content-type", "")},
+    )
+
+
+@app.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@app.get("/readyz")
+def readyz(request: Request) -> JSONResponse:
+    """Redis and Milvus are usable."""
+    g = gw(request)
+    checks = {"redis": _check(g.jobs.ping), "milvus": _check(g.vectors.ping)}
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ready", "checks": checks})
+    if checks["milvus"] != "ok":
+        g.vectors.reset()
+    return error_response(503, "not_ready", "a dependency is unavailable", checks=checks)
+
+
+def _check(probe: Any) -> str:
+    try:
+        probe()
+    except Exception as exc:  # any failure means not ready; say which
+        return f"error: {exc.__class__.__name__}: {str(exc)[:200]}"
+    return "ok"

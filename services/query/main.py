@@ -1,0 +1,216 @@
+"""The query app: the model is loaded and warmed before /readyz says ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator
+
+from services.worker.decode import DecodeError, decode_image
+from shared.encoder import ClipEncoder
+from shared.errors import InvalidInput, Unavailable
+from shared.http import error_response, install_error_handlers
+from shared.settings import Settings, get_settings
+from shared.vectors import SearchFilters, VectorStore
+
+log = logging.getLogger(__name__)
+
+
+class Filters(BaseModel):
+    """Typed filters: each value is bound as a parameter, never pasted into an expression."""
+
+    job_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    tag: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class SearchBody(BaseModel):
+    """POST /v1/search."""
+
+    text: str
+    k: int = Field(default=10, ge=1, le=200)
+    min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
+    filters: Filters = Filters()
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the query text is empty")
+        return value
+
+
+class Searcher:
+    """The model and the collection one query process holds."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.encoder: ClipEncoder | None = None
+        token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+        self.vectors = VectorStore(
+            uri=settings.milvus_uri,
+            token=token,
+            collection=settings.milvus_collection,
+            index=settings.milvus_index,
+        )
+        self.load_error: str | None = None
+        self._text_cache = lru_cache(maxsize=1024)(self._encode_text)
+
+    def load(self) -> None:
+        try:
+            encoder = ClipEncoder.from_settings(self.settings)
+            encoder.warmup()
+        except Exception as exc:
+            self.load_error = str(exc)
+            log.exception("model load failed")
+            return
+        self.encoder = encoder
+
+    def _encode_text(self, text: str) -> np.ndarray:
+        vector: np.ndarray = self.model().encode_texts([text])[0]
+        return vector
+
+    def model(self) -> ClipEncoder:
+        if self.encoder is None:
+            raise Unavailable(
+                self.load_error or "the model is still loading", code="model_unavailable"
+            )
+        return self.encoder
+
+    def search(
+        self, vector: np.ndarray, *, k: int, min_score: float | None, filters: SearchFilters
+    ) -> list[dict[str, Any]]:
+        self.vectors.ensure_collection(dim=self.model().dim)
+        hits = self.vectors.search(vector, k=k, filters=filters)
+        out = []
+        for hit in hits:
+            if min_score is not None and hit["score"] < min_score:
+                continue
+            out.append(
+                {
+                    "image_id": hit["image_id"],
+                    "score": round(hit["score"], 6),
+                    "filename": hit.get("filename"),
+                    "image_url": f"/v1/images/{hit['image_id']}",
+                    "metadata": hit.get("metadata") or {},
+                    "job_id": hit.get("job_id"),
+                    "width": hit.get("width"),
+                    "height": hit.get("height"),
+                }
+            )
+        return out
+
+    def text_search(self, body: SearchBody) -> dict[str, Any]:
+        start = time.perf_counter()
+        text = body.text.strip()
+        self.model()
+        vector = self._text_cache(text)
+        hits = self.search(
+            vector,
+            k=body.k,
+            min_score=body.min_score,
+            filters=SearchFilters(job_id=body.filters.job_id, tag=body.filters.tag),
+        )
+        return self._answer(text, hits, start)
+
+    def _answer(self, query: str, hits: list[dict[str, Any]], start: float) -> dict[str, Any]:
+        took = round((time.perf_counter() - start) * 1000, 2)
+        return {"query": query, "took_ms": took, "model": self.settings.clip_model, "hits": hits}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    searcher = Searcher(get_settings())
+    app.state.searcher = searcher
+    # Load in the background so /healthz answers at once; /readyz waits for the model.
+    task = asyncio.create_task(run_in_threadpool(searcher.load))
+    yield
+    await task
+
+
+app = FastAPI(title="clipsearch query", version="0.1.0", lifespan=lifespan)
+install_error_handlers(app)
+
+
+def _searcher(request: Request) -> Searcher:
+    searcher: Searcher = request.app.state.searcher
+    return searcher
+
+
+@app.get("/v1/search")
+def search_get(
+    request: Request,
+    q: Annotated[str, Query(max_length=100_000)],
+    k: Annotated[int, Query(ge=1, le=200)] = 10,
+    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    job_id: Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")] = None,
+    tag: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+) -> dict[str, Any]:
+    """Images best matching the text, by cosine similarity."""
+    if not q.strip():
+        raise InvalidInput("the query text is empty", code="empty_query")
+    body = SearchBody(text=q, k=k, min_score=min_score, filters=Filters(job_id=job_id, tag=tag))
+    return _searcher(request).text_search(body)
+
+
+@app.post("/v1/search")
+def search_post(request: Request, body: SearchBody) -> dict[str, Any]:
+    """Images best matching the text, by cosine similarity (JSON body)."""
+    return _searcher(request).text_search(body)
+
+
+@app.post("/v1/search/image")
+def search_image(
+    request: Request,
+    file: Annotated[UploadFile, File()],
+    k: Annotated[int, Query(ge=1, le=200)] = 10,
+    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+) -> dict[str, Any]:
+    """Images most like the uploaded one."""
+    searcher = _searcher(request)
+    start = time.perf_counter()
+    settings = searcher.settings
+    data = file.file.read(settings.max_file_bytes + 1)
+    if len(data) > settings.max_file_bytes:
+        raise InvalidInput("the image is over the size limit", code="file_too_large")
+    try:
+        image = decode_image(data, max_pixels=settings.max_image_pixels)
+    except DecodeError as exc:
+        raise InvalidInput(exc.detail, code=exc.code) from exc
+    vector = searcher.model().encode_images([image])[0]
+    hits = searcher.search(vector, k=k, min_score=min_score, filters=SearchFilters())
+    return searcher._answer(file.filename or "image", hits, start)
+
+
+@app.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@app.get("/readyz")
+def readyz(request: Request) -> JSONResponse:
+    """The model is loaded and warm, and Milvus answers."""
+    searcher = _searcher(request)
+    checks: dict[str, str] = {}
+    checks["model"] = "ok" if searcher.encoder else (searcher.load_error or "loading")
+    try:
+        searcher.vectors.ping()
+        checks["milvus"] = "ok"
+    except Exception as exc:
+        searcher.vectors.reset()
+        checks["milvus"] = f"error: {exc.__class__.__name__}"
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse(
+            {"status": "ready", "model": searcher.settings.clip_model, "checks": checks}
+        )
+    return error_response(503, "not_ready", "the model or Milvus is not ready", checks=checks)

@@ -1,0 +1,1 @@
+"""The embedding worker: Celery tasks over a plain decode → encode → upsert pipeline."""

@@ -1,0 +1,83 @@
+"""The Celery worker: loads the model once per process, then runs embed batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+from celery import Task
+from celery.signals import worker_process_init
+from pymilvus import MilvusException
+
+from services.worker.pipeline import Pipeline
+from shared.blobs import BlobStore
+from shared.encoder import ClipEncoder
+from shared.errors import Unavailable
+from shared.jobs import JobStore
+from shared.settings import get_settings
+from shared.tasks import EMBED_TASK, BatchItem, make_celery
+from shared.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+app = make_celery()
+# Errors that pass: retried with backoff; the batch is failed only after the last retry.
+TRANSIENT = (Unavailable, MilvusException, redis.ConnectionError, redis.TimeoutError)
+MAX_RETRIES = 10
+_pipeline: Pipeline | None = None
+
+
+def get_pipeline() -> Pipeline:
+    """This process's pipeline, with the model loaded and warmed on first use."""
+    global _pipeline
+    if _pipeline is None:
+        settings = get_settings()
+        encoder = ClipEncoder.from_settings(settings)
+        encoder.warmup()
+        _pipeline = Pipeline(
+            encoder=encoder,
+            vectors=VectorStore(
+                uri=settings.milvus_uri,
+                token=settings.milvus_token.get_secret_value() if settings.milvus_token else None,
+                collection=settings.milvus_collection,
+                index=settings.milvus_index,
+            ),
+            blobs=BlobStore(settings.blob_dir),
+            jobs=JobStore.from_url(settings.redis_url),
+            max_pixels=settings.max_image_pixels,
+            pool=ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)),
+        )
+    return _pipeline
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _load_model(**_: Any) -> None:
+    # Load in the pool child before the first task so the first batch is not the slow one.
+    get_pipeline()
+
+
+@app.task(name=EMBED_TASK, bind=True, max_retries=MAX_RETRIES)  # type: ignore[untyped-decorator]
+def embed_batch(
+    self: Task, *, job_id: str, items: list[BatchItem], metadata: dict[str, Any]
+) -> str | None:
+    """Embed one batch of a job's images; retry with backoff while Milvus or Redis is away."""
+    pipeline = get_pipeline()
+    try:
+        return pipeline.run(job_id=job_id, items=items, metadata=metadata)
+    except TRANSIENT as exc:
+        retries = self.request.retries
+        if retries >= MAX_RETRIES:
+            log.error("job %s: giving up on a batch after %d retries: %s", job_id, retries, exc)
+            pipeline.fail_all(
+                job_id=job_id,
+                items=items,
+                code="index_unavailable",
+                detail=f"the vector store stayed unavailable: {exc}",
+            )
+            return None
+        pipeline.vectors.reset()
+        countdown = min(2**retries, 30)
+        log.warning("job %s: retry %d in %ss: %s", job_id, retries + 1, countdown, exc)
+        raise self.retry(exc=exc, countdown=countdown) from exc

@@ -1,0 +1,1 @@
+"""What every clipsearch service agrees on: settings, schemas, stores, encoder, task names."""

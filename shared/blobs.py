@@ -1,0 +1,75 @@
+"""Content-addressed blob store on a local directory: key = SHA-256 hex of the bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from shared.errors import NotFound
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def content_id(data: bytes) -> str:
+    """The image id of some bytes: their SHA-256, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_valid_id(key: str) -> bool:
+    """Whether `key` has the shape of an image id (guards every path built from it)."""
+    return bool(_KEY.match(key))
+
+
+class BlobStore:
+    """Stores bytes under their SHA-256 in a two-level fan-out directory tree."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        """Where the blob for `key` lives."""
+        if not is_valid_id(key):
+            raise NotFound(f"no image {key!r}", code="image_not_found")
+        return self.root / key[:2] / key[2:4] / key
+
+    def put(self, data: bytes) -> str:
+        """Store `data` (atomically, idempotently) and return its key."""
+        key = content_id(data)
+        target = self.path(key)
+        if target.exists():
+            return key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return key
+
+    def get(self, key: str) -> bytes:
+        """The bytes stored under `key`; NotFound if there are none."""
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no image {key!r}", code="image_not_found") from None
+
+    def exists(self, key: str) -> bool:
+        """Whether a blob is stored under `key`."""
+        return is_valid_id(key) and self.path(key).exists()
+
+    def delete(self, key: str) -> bool:
+        """Remove the blob; True if it existed."""
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            return False
+        return True

@@ -1,0 +1,124 @@
+"""The CLIP encoder: a transformers CLIPModel and its own processor, batched, L2-normalised."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel
+
+from shared.errors import ModelLoadError
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str) -> torch.device:
+    """CLIP_DEVICE resolved: auto means CUDA when there is one."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CLIP_DEVICE=cuda but no CUDA device is visible", code="no_cuda")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """CLIP_DTYPE resolved: auto is float16 on CUDA and float32 on CPU (exact answers)."""
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[requested]
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers 5 returns an output object whose pooler_output is the projection;
+    # older releases return the tensor itself.
+    features: torch.Tensor = output if isinstance(output, torch.Tensor) else output.pooler_output
+    return features
+
+
+class ClipEncoder:
+    """Loads CLIP_MODEL once and encodes images and texts into unit-length vectors."""
+
+    def __init__(self, *, model: str, device: str = "auto", dtype: str = "auto") -> None:
+        self.name = model
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        try:
+            self.processor: Any = AutoProcessor.from_pretrained(model)  # type: ignore[no-untyped-call]
+            clip: Any = CLIPModel.from_pretrained(model, dtype=self.dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            where = "directory" if Path(model).exists() else "hub id"
+            raise ModelLoadError(
+                f"cannot load CLIP model {model!r} ({where}): {exc}. Set CLIP_MODEL to a local "
+                "directory with a CLIP checkpoint saved by save_pretrained (config, weights, "
+                "tokenizer and preprocessor files), or make the Hugging Face hub reachable.",
+                code="model_unavailable",
+            ) from exc
+        self.model: Any = clip.to(self.device).eval()
+        self.dim = int(clip.config.projection_dim)
+        self.max_tokens = int(clip.config.text_config.max_position_embeddings)
+        # One forward pass at a time per process; torch already uses every core.
+        self._lock = threading.Lock()
+        log.info("loaded %s on %s as %s (dim %d)", model, self.device, self.dtype, self.dim)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClipEncoder:
+        """The encoder that CLIP_MODEL, CLIP_DEVICE and CLIP_DTYPE describe."""
+        return cls(
+            model=settings.clip_model, device=settings.clip_device, dtype=settings.clip_dtype
+        )
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Pixel values for a batch of RGB images, by the model's own image processor."""
+        batch = self.processor(images=list(images), return_tensors="pt")
+        pixels: torch.Tensor = batch["pixel_values"]
+        return pixels
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Unit vectors for preprocessed pixel values, in one forward pass."""
+        with self._lock:
+            out = self.model.get_image_features(
+                pixel_values=pixels.to(self.device, self.dtype, non_blocking=True)
+            )
+        return _normalise(_features(out))
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Unit vectors for a batch of RGB images."""
+        return self.encode_pixels(self.preprocess(images))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors for texts, each truncated to the model's context length."""
+        tokens = self.processor.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        )
+        with self._lock:
+            out = self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+            )
+        return _normalise(_features(out))
+
+    def warmup(self) -> None:
+        """Run both towers once so the first real request is not the slow one."""
+        self.encode_texts(["warm up"])
+        self.encode_images([Image.new("RGB", (64, 64))])
+
+
+def _normalise(features: torch.Tensor) -> np.ndarray:
+    vectors = features.float()
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    array: np.ndarray = vectors.cpu().numpy()
+    return array

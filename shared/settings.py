@@ -1,0 +1,63 @@
+"""One settings class, read from the environment under the same names in every service."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration; every field maps to the upper-case environment variable."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    milvus_uri: str = "http://127.0.0.1:19530"
+    milvus_token: SecretStr | None = None
+    milvus_collection: str = "clipsearch_images"
+    milvus_index: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = "FLAT"
+    clip_model: str = "openai/clip-vit-base-patch32"
+    clip_device: Literal["auto", "cpu", "cuda"] = "auto"
+    clip_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    data_dir: Path = Path("./data")
+    blob_dir_override: Path | None = Field(default=None, validation_alias="BLOB_DIR")
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    api_keys_on_reads: bool = False
+    query_url: str = "http://127.0.0.1:8001"
+    gateway_url: str = "http://127.0.0.1:8000"
+    gateway_port: int = 8000
+    query_port: int = 8001
+    embed_batch_size: int = Field(default=32, ge=1, le=1024)
+    # Limits on what one request may bring in (safe defaults; see README).
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_file_bytes: int = 50 * 1024 * 1024
+    max_files_per_job: int = 20_000
+    max_image_pixels: int = 60_000_000
+    max_archive_entries: int = 20_000
+    max_archive_bytes: int = 2 * 1024 * 1024 * 1024
+    max_metadata_bytes: int = 16 * 1024
+    max_search_k: int = 200
+    # Longest an embed task may run before the broker hands it to another worker.
+    task_visibility_timeout_s: int = 3600
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def blob_dir(self) -> Path:
+        """Where image bytes live: BLOB_DIR, or DATA_DIR/blobs."""
+        return self.blob_dir_override or self.data_dir / "blobs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,53 @@
+"""The Celery app every service shares: broker settings, the queue and task names."""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from celery import Celery
+
+from shared.settings import Settings, get_settings
+
+EMBED_QUEUE = "embed"
+EMBED_TASK = "clipsearch.embed_batch"
+
+
+class BatchItem(TypedDict):
+    """One image of a batch message: its key within the job, blob id and filename."""
+
+    key: str
+    image_id: str
+    filename: str
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app on the Redis broker with at-least-once delivery and no result backend."""
+    settings = settings or get_settings()
+    app = Celery("clipsearch", broker=settings.redis_url)
+    app.conf.update(
+        task_default_queue=EMBED_QUEUE,
+        task_routes={EMBED_TASK: {"queue": EMBED_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # Job state lives in our own Redis records; Celery only carries batches.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.task_visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def enqueue_batch(
+    app: Celery, *, job_id: str, items: list[BatchItem], metadata: dict[str, Any]
+) -> None:
+    """Send one embed batch by task name (the sender never imports the worker code)."""
+    app.send_task(
+        EMBED_TASK,
+        kwargs={"job_id": job_id, "items": items, "metadata": metadata},
+        queue=EMBED_QUEUE,
+    )

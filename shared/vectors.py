@@ -1,0 +1,208 @@
+"""The Milvus collection: schema, index, upsert, filtered search, delete."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import grpc
+import numpy as np
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from shared.errors import Unavailable
+
+OUTPUT_FIELDS = ["filename", "job_id", "created_at", "width", "height", "metadata"]
+# HNSW parameters that keep recall@10 near exact search at library sizes (see BENCHMARKS.md).
+HNSW_BUILD = {"M": 16, "efConstruction": 200}
+HNSW_SEARCH_EF = 128
+CALL_TIMEOUT_S = 10.0
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def literal(value: str) -> str:
+    """A Milvus string literal for `value`: quoted, with the lexer's escapes applied.
+
+    Milvus Lite ignores expression templates (filter_params), so values are escaped here;
+    the lexer knows only these escapes, so nothing else needs (or may have) one.
+    """
+    return '"' + "".join(_ESCAPES.get(ch, ch) for ch in value) + '"'
+
+
+def _unavailable(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn Milvus connection and timeout failures into one Unavailable error."""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (MilvusException, grpc.RpcError) as exc:
+            store = args[0]
+            if isinstance(store, VectorStore):
+                store.reset()
+            raise Unavailable(f"Milvus is unavailable: {exc}", code="milvus_unavailable") from exc
+
+    return call
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilters:
+    """Typed search filters; values are bound as parameters, never pasted into expressions."""
+
+    job_id: str | None = None
+    tag: str | None = None
+    filename: str | None = None
+
+    def expression(self) -> str:
+        """The boolean expression, every value an escaped literal."""
+        parts = []
+        if self.job_id:
+            parts.append(f"job_id == {literal(self.job_id)}")
+        if self.tag:
+            parts.append(f'json_contains(metadata["tags"], {literal(self.tag)})')
+        if self.filename:
+            parts.append(f"filename == {literal(self.filename)}")
+        return " and ".join(parts)
+
+
+class VectorStore:
+    """One Milvus collection keyed by image_id (SHA-256 hex), COSINE on normalised vectors."""
+
+    def __init__(
+        self, *, uri: str, token: str | None, collection: str, index: str = "FLAT"
+    ) -> None:
+        self.uri, self.token, self.collection, self.index = uri, token, collection, index
+        self._client: MilvusClient | None = None
+        self._lock = threading.Lock()
+        self._ready_dim: int | None = None
+
+    @property
+    def client(self) -> MilvusClient:
+        """A connected client, created on first use (so a down Milvus does not break imports)."""
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = MilvusClient(
+                        uri=self.uri, token=self.token or "", timeout=CALL_TIMEOUT_S
+                    )
+                except MilvusException as exc:
+                    raise Unavailable(
+                        f"Milvus at {self.uri} is not reachable: {exc}", code="milvus_unavailable"
+                    ) from exc
+            return self._client
+
+    def reset(self) -> None:
+        """Drop the client so the next call reconnects (after an outage)."""
+        with self._lock:
+            if self._client is not None:
+                with contextlib.suppress(Exception):  # a broken client may fail to close
+                    self._client.close()
+            self._client = None
+            self._ready_dim = None
+
+    @_unavailable
+    def ping(self) -> bool:
+        """Whether Milvus answers."""
+        self.client.list_collections(timeout=CALL_TIMEOUT_S)
+        return True
+
+    @_unavailable
+    def exists(self) -> bool:
+        """Whether the collection has been created."""
+        return bool(self.client.has_collection(self.collection, timeout=CALL_TIMEOUT_S))
+
+    @_unavailable
+    def ensure_collection(self, *, dim: int) -> None:
+        """Create the collection with the contract's schema and index if it is missing."""
+        if self._ready_dim == dim:
+            return
+        client = self.client
+        if not client.has_collection(self.collection):
+            schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("image_id", DataType.VARCHAR, max_length=64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            schema.add_field("filename", DataType.VARCHAR, max_length=1024)
+            schema.add_field("job_id", DataType.VARCHAR, max_length=64)
+            schema.add_field("created_at", DataType.INT64)
+            schema.add_field("width", DataType.INT32)
+            schema.add_field("height", DataType.INT32)
+            schema.add_field("metadata", DataType.JSON)
+            index = client.prepare_index_params()
+            params = HNSW_BUILD if self.index == "HNSW" else {}
+            if self.index == "IVF_FLAT":
+                params = {"nlist": 1024}
+            index.add_index("vector", index_type=self.index, metric_type="COSINE", params=params)
+            client.create_collection(self.collection, schema=schema, index_params=index)
+        else:
+            fields = client.describe_collection(self.collection)["fields"]
+            have = next(f for f in fields if f["name"] == "vector")["params"]["dim"]
+            if int(have) != dim:
+                raise Unavailable(
+                    f"collection {self.collection!r} holds {have}-d vectors but the model gives "
+                    f"{dim}-d; use another MILVUS_COLLECTION for this model",
+                    code="dimension_mismatch",
+                )
+        client.load_collection(self.collection)
+        self._ready_dim = dim
+
+    @_unavailable
+    def upsert(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert or replace rows by image_id."""
+        if rows:
+            self.client.upsert(self.collection, data=list(rows), timeout=CALL_TIMEOUT_S)
+
+    @_unavailable
+    def owners(self, image_ids: Sequence[str]) -> dict[str, str]:
+        """For the ids already indexed, the job that indexed each."""
+        if not image_ids:
+            return {}
+        rows = self.client.get(
+            self.collection, ids=list(image_ids), output_fields=["job_id"], timeout=CALL_TIMEOUT_S
+        )
+        return {row["image_id"]: row["job_id"] for row in rows}
+
+    @_unavailable
+    def search(
+        self, vector: np.ndarray, *, k: int, filters: SearchFilters | None = None
+    ) -> list[dict[str, Any]]:
+        """The k nearest images by cosine similarity, best first."""
+        expr = (filters or SearchFilters()).expression()
+        search_params: dict[str, Any] = {}
+        if self.index == "HNSW":
+            search_params["params"] = {"ef": max(HNSW_SEARCH_EF, k)}
+        result = self.client.search(
+            self.collection,
+            data=[vector.astype(np.float32).tolist()],
+            limit=k,
+            filter=expr,
+            output_fields=OUTPUT_FIELDS,
+            search_params=search_params,
+            consistency_level="Strong",
+            timeout=CALL_TIMEOUT_S,
+        )
+        hits = []
+        for hit in result[0]:
+            entity = dict(hit["entity"])
+            hits.append({"image_id": hit.id, "score": float(hit.distance), **entity})
+        return hits
+
+    @_unavailable
+    def delete(self, image_id: str) -> int:
+        """Remove one image's vector; the number of rows removed."""
+        if not self.owners([image_id]):
+            return 0
+        self.client.delete(self.collection, ids=[image_id], timeout=CALL_TIMEOUT_S)
+        return 1
+
+    @_unavailable
+    def count(self) -> int:
+        """Rows in the collection (exact, after a strong read)."""
+        rows = self.client.query(
+            self.collection, filter="", output_fields=["count(*)"], consistency_level="Strong"
+        )
+        return int(rows[0]["count(*)"])
