@@ -8,6 +8,7 @@ they are ready; records what it started under DATA_DIR/run so `down` stops exact
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -54,8 +55,14 @@ class Stack:
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         """Start one process in its own session, logging to DATA_DIR/logs/NAME.log."""
         log = (self.log_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.procs[name] = proc
         (self.run_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc
@@ -69,31 +76,81 @@ class Stack:
         if not _milvus_answers(s.milvus_uri):
             host, port = _local_endpoint(s.milvus_uri, "MILVUS_URI")
             (self.data / "milvus").mkdir(exist_ok=True)
-            self.start("milvus", [_bin("milvus-lite"), "server", "--data-dir",
-                                  str(self.data / "milvus"), "--host", host,
-                                  "--port", str(port), "--max-workers", "1"])
+            self.start(
+                "milvus",
+                [
+                    _bin("milvus-lite"),
+                    "server",
+                    "--data-dir",
+                    str(self.data / "milvus"),
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--max-workers",
+                    "1",
+                ],
+            )
             _wait(lambda: _milvus_answers(s.milvus_uri), 60, "milvus", self)
         py = sys.executable
-        self.start("query", [py, "-m", "uvicorn", "services.query.main:app",
-                             "--host", "127.0.0.1", "--port", str(s.query_port)])
+        self.start(
+            "query",
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "services.query.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(s.query_port),
+            ],
+        )
         for i in range(1, workers + 1):
             self.start_worker(f"worker{i}")
-        self.start("gateway", [py, "-m", "uvicorn", "services.gateway.main:app",
-                               "--host", "127.0.0.1", "--port", str(s.gateway_port)])
+        self.start(
+            "gateway",
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "services.gateway.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(s.gateway_port),
+            ],
+        )
         _wait(lambda: _ready(f"{self.query_url}/readyz"), timeout_s, "query", self)
         _wait(lambda: _ready(f"{self.gateway_url}/readyz"), timeout_s, "gateway", self)
 
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         """One Celery worker process (one pool child) on the embed queue."""
         port = self.settings.gateway_port
-        return self.start(name, [sys.executable, "-m", "celery", "-A", "services.worker.app",
-                                 "worker", "-Q", "embed", "--concurrency", "1",
-                                 "--loglevel", "INFO", "-n", f"{name}-{port}@%h"])
+        return self.start(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "services.worker.app",
+                "worker",
+                "-Q",
+                "embed",
+                "--concurrency",
+                "1",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"{name}-{port}@%h",
+            ],
+        )
 
     def down(self, *, timeout_s: float = 30.0) -> list[str]:
         """Stop every process this stack started (recorded in DATA_DIR/run), gateway first."""
-        order = ["gateway", "query"] + sorted(
-            p.stem for p in self.run_dir.glob("worker*.pid")) + ["milvus", "redis"]
+        workers = sorted(p.stem for p in self.run_dir.glob("worker*.pid"))
+        order = ["gateway", "query", *workers, "milvus", "redis"]
         stopped = []
         for name in order:
             pidfile = self.run_dir / f"{name}.pid"
@@ -117,19 +174,38 @@ def _bin(name: str) -> str:
 def _redis_argv(url: str, data: Path) -> list[str]:
     server = shutil.which("redis-server")
     if not server:
-        raise SystemExit("no Redis answers at REDIS_URL and redis-server is not installed "
-                         "(Debian: apt-get install redis-server)")
+        raise SystemExit(
+            "no Redis answers at REDIS_URL and redis-server is not installed "
+            "(Debian: apt-get install redis-server)"
+        )
     host, port = _local_endpoint(url, "REDIS_URL")
     data.mkdir(parents=True, exist_ok=True)
-    return [server, "--bind", host, "--port", str(port), "--dir", str(data), "--save", "",
-            "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no"]
+    return [
+        server,
+        "--bind",
+        host,
+        "--port",
+        str(port),
+        "--dir",
+        str(data),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--daemonize",
+        "no",
+    ]
 
 
 def _local_endpoint(url: str, name: str) -> tuple[str, int]:
     parsed = urlparse(url)
     if parsed.hostname not in ("127.0.0.1", "localhost") or not parsed.port:
-        raise SystemExit(f"nothing answers at {name}={url} and it is not a local address "
-                         "this command can start a server on")
+        raise SystemExit(
+            f"nothing answers at {name}={url} and it is not a local address "
+            "this command can start a server on"
+        )
     return "127.0.0.1", parsed.port
 
 
@@ -173,8 +249,9 @@ def _wait(probe: object, timeout_s: float, what: str, stack: Stack) -> None:
             return
         proc = stack.procs.get(what)
         if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}; see "
-                             f"{stack.log_dir / (what + '.log')}")
+            raise SystemExit(
+                f"{what} exited with {proc.returncode}; see {stack.log_dir / (what + '.log')}"
+            )
         time.sleep(0.3)
     raise SystemExit(f"{what} was not ready after {timeout_s:.0f}s; see {stack.log_dir}")
 
@@ -190,10 +267,8 @@ def _stop(pid: int, timeout_s: float, *, sig: signal.Signals) -> bool:
             os.killpg(pid, 0)
         except ProcessLookupError:
             return True
-        try:  # reap it if it is our child
+        with contextlib.suppress(ChildProcessError):  # reap it if it is our child
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         time.sleep(0.1)
     os.killpg(pid, signal.SIGKILL)
     return True
@@ -212,8 +287,16 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit:
             stack.down()
             raise
-        print(json.dumps({"gateway": stack.gateway_url, "query": stack.query_url,
-                          "logs": str(stack.log_dir)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "gateway": stack.gateway_url,
+                    "query": stack.query_url,
+                    "logs": str(stack.log_dir),
+                },
+                indent=2,
+            )
+        )
         print(f"clipsearch is up: {stack.gateway_url}  (stop it with: make down)")
     elif args.command == "down":
         print("stopped:", ", ".join(stack.down()) or "nothing")

@@ -57,7 +57,7 @@ _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' or state == 'running' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
-  return 'cancelled'
+  return 'ok'
 end
 return state
 """
@@ -149,7 +149,7 @@ class JobStore:
         state = self._cancel(keys=[self._key(job_id)], args=[time.time()])
         if state is None:
             raise NotFound(f"no job {job_id!r}", code="job_not_found")
-        if state != "cancelled":
+        if state != "ok":
             raise Conflict(f"job {job_id} already ended as {state}", code="job_finished")
         return "cancelled"
 

@@ -1,0 +1,88 @@
+"""Fixtures: a tiny CLIP checkpoint built here, and the real stack on free ports."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.stack import Stack
+from shared.settings import Settings
+from shared.tinymodel import build_tiny_clip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random CLIPModel with the real CLIP tokenizer, saved with save_pretrained."""
+    return build_tiny_clip(tmp_path_factory.mktemp("model") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, str]:
+    """Settings for a private stack: its own Redis, Milvus Lite server, ports and data dir."""
+    data = tmp_path_factory.mktemp("data")
+    return {
+        "DATA_DIR": str(data),
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "MILVUS_URI": f"http://127.0.0.1:{free_port()}",
+        "MILVUS_COLLECTION": "test_images",
+        "GATEWAY_PORT": str(free_port()),
+        "QUERY_PORT": str(free_port()),
+        "CLIP_MODEL": str(tiny_model),
+        "CLIP_DEVICE": "cpu",
+        "EMBED_BATCH_SIZE": "16",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(stack_env: dict[str, str], monkeypatch_session: pytest.MonkeyPatch) -> Iterator[Stack]:
+    """The whole stack as real processes: Redis, Milvus Lite, query, one worker, gateway."""
+    for key, value in stack_env.items():
+        monkeypatch_session.setenv(key, value)
+    running = Stack(Settings())
+    try:
+        running.up(timeout_s=180)
+        yield running
+    finally:
+        running.down()
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="session")
+def api(stack: Stack) -> Iterator[httpx.Client]:
+    """An HTTP client on the gateway."""
+    with httpx.Client(base_url=stack.gateway_url, timeout=60) as client:
+        yield client
+
+
+def wait_for_job(api: httpx.Client, job_id: str, *, timeout_s: float = 300) -> dict[str, Any]:
+    """Poll a job until it reaches a final state."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+        if job["state"] in {"succeeded", "completed_with_errors", "failed", "cancelled"}:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def upload(api: httpx.Client, files: list[tuple[str, bytes]], **data: str) -> httpx.Response:
+    """POST /v1/jobs with the given (name, bytes) files."""
+    return api.post("/v1/jobs", files=[("files", (n, b)) for n, b in files], data=data)

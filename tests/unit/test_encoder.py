@@ -1,0 +1,60 @@
+"""The encoder: real transformers loading, unit vectors, truncation, clear load errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.encoder import ClipEncoder, pick_dtype
+from shared.errors import ModelLoadError
+from tests.images import make_image
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model: Path) -> ClipEncoder:
+    return ClipEncoder(model=str(tiny_model), device="cpu", dtype="float32")
+
+
+def test_vectors_are_unit_length_and_batch_independent(encoder: ClipEncoder) -> None:
+    images = [make_image(i) for i in range(5)]
+    batch = encoder.encode_images(images)
+    single = np.stack([encoder.encode_images([im])[0] for im in images])
+    assert batch.shape == (5, encoder.dim)
+    assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(batch, single, atol=1e-5)
+
+
+def test_long_text_is_truncated_not_refused(encoder: ClipEncoder) -> None:
+    vectors = encoder.encode_texts(["dog " * 5000, "a dog"])
+    assert vectors.shape == (2, encoder.dim) and np.isfinite(vectors).all()
+
+
+def test_real_clip_tokenizer_ids(encoder: ClipEncoder) -> None:
+    ids = encoder.processor.tokenizer("a white dog on a beach")["input_ids"]
+    assert ids == [49406, 320, 1579, 1929, 525, 320, 2117, 49407]
+
+
+def test_bfloat16_stays_close_to_float32(tiny_model: Path, encoder: ClipEncoder) -> None:
+    bf16 = ClipEncoder(model=str(tiny_model), device="cpu", dtype="bfloat16")
+    images = [make_image(i) for i in range(8)]
+    cos = (bf16.encode_images(images) * encoder.encode_images(images)).sum(axis=1)
+    assert cos.min() > 0.98
+
+
+def test_missing_model_names_the_model_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError) as err:
+        ClipEncoder(model=str(tmp_path / "no-such-model"))
+    assert "no-such-model" in err.value.detail and "CLIP_MODEL" in err.value.detail
+
+
+def test_auto_dtype_is_exact_on_cpu() -> None:
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+def test_blank_image_encodes(encoder: ClipEncoder) -> None:
+    assert encoder.encode_images([Image.new("RGB", (1, 1))]).shape == (1, encoder.dim)

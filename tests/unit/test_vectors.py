@@ -1,0 +1,86 @@
+"""The Milvus store on the real Milvus Lite server: schema, upsert, owners, filters."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+from services.stack import Stack
+from shared.errors import Unavailable
+from shared.vectors import SearchFilters, VectorStore, literal
+
+
+@pytest.fixture
+def store(stack: Stack) -> VectorStore:
+    vs = VectorStore(
+        uri=stack.settings.milvus_uri,
+        token=None,
+        collection=f"t_{uuid.uuid4().hex[:8]}",
+        index="HNSW",
+    )
+    vs.ensure_collection(dim=4)
+    return vs
+
+
+def row(image_id: str, vec: list[float], **extra: object) -> dict:
+    v = np.asarray(vec, dtype=np.float32)
+    base = {
+        "image_id": image_id,
+        "vector": (v / np.linalg.norm(v)).tolist(),
+        "filename": "f",
+        "job_id": "j1",
+        "created_at": 0,
+        "width": 1,
+        "height": 1,
+        "metadata": {},
+    }
+    return {**base, **extra}
+
+
+def test_upsert_is_keyed_by_image_id(store: VectorStore) -> None:
+    store.upsert([row("a", [1, 0, 0, 0]), row("b", [0, 1, 0, 0])])
+    store.upsert([row("a", [1, 0, 0, 0], job_id="j2")])
+    assert store.count() == 2
+    assert store.owners(["a", "b", "zzz"]) == {"a": "j2", "b": "j1"}
+
+
+def test_search_orders_by_cosine(store: VectorStore) -> None:
+    store.upsert([row("a", [1, 0, 0, 0]), row("b", [1, 1, 0, 0]), row("c", [0, 0, 1, 0])])
+    hits = store.search(np.array([1, 0, 0, 0], dtype=np.float32), k=3)
+    assert [h["image_id"] for h in hits] == ["a", "b", "c"]
+    assert [round(h["score"], 4) for h in hits] == [1.0, 0.7071, 0.0]
+
+
+def test_filters_are_escaped_not_injected(store: VectorStore) -> None:
+    store.upsert(
+        [
+            row("a", [1, 0, 0, 0], metadata={"tags": ['it"s']}),
+            row("b", [0, 1, 0, 0], job_id='x" or job_id != "'),
+        ]
+    )
+    q = np.array([1, 1, 0, 0], dtype=np.float32)
+    evil = SearchFilters(job_id='x" or job_id != "')
+    assert [h["image_id"] for h in store.search(q, k=5, filters=evil)] == ["b"]
+    assert [h["image_id"] for h in store.search(q, k=5, filters=SearchFilters(tag='it"s'))] == ["a"]
+    assert store.search(q, k=5, filters=SearchFilters(tag="it")) == []
+
+
+def test_literal_escapes_only_what_the_lexer_knows() -> None:
+    assert literal('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
+    assert literal("ünï'") == '"ünï\'"'
+
+
+def test_dimension_mismatch_is_a_clear_error(store: VectorStore) -> None:
+    other = VectorStore(uri=store.uri, token=None, collection=store.collection)
+    with pytest.raises(Unavailable) as err:
+        other.ensure_collection(dim=8)
+    assert err.value.code == "dimension_mismatch"
+
+
+def test_unreachable_milvus_is_unavailable() -> None:
+    dead = VectorStore(uri="http://127.0.0.1:1", token=None, collection="x")
+    with pytest.raises(Unavailable) as err:
+        dead.ping()
+    assert err.value.code == "milvus_unavailable"
