@@ -14,11 +14,14 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from services.gateway import thumbnails
 from services.gateway.auth import require_read, require_write
 from services.gateway.ingest import Limits
 from services.gateway.submit import submit_job
@@ -32,6 +35,7 @@ from shared.vectors import VectorStore
 
 log = logging.getLogger(__name__)
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
+STATIC = Path(__file__).parent / "static"
 ImageId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -196,6 +200,36 @@ def get_image(request: Request, image_id: ImageId) -> FileResponse:
     )
 
 
+@app.get("/v1/images/{image_id}/thumbnail", dependencies=[Depends(require_read)])
+def get_thumbnail(
+    request: Request, image_id: ImageId, size: Annotated[int, Query(ge=16, le=1024)] = 256
+) -> Response:
+    """A small JPEG of the image (EXIF orientation applied), made once and cached on disk."""
+    g = gw(request)
+    data = thumbnails.thumbnail(g.blobs, image_id, size=size, cache=g.settings.data_dir / "thumbs")
+    return Response(
+        data,
+        media_type="image/jpeg",
+        headers={"Cache-Control": "public, max-age=31536000, immutable"},
+    )
+
+
+class ImageIds(BaseModel):
+    """POST /v1/images/lookup."""
+
+    image_ids: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(max_length=10_000)
+
+
+@app.post("/v1/images/lookup", dependencies=[Depends(require_read)])
+def lookup_images(request: Request, body: ImageIds) -> dict[str, list[str]]:
+    """Which of these image ids are already indexed (lets clients skip re-uploads)."""
+    g = gw(request)
+    if not body.image_ids or not g.vectors.exists():
+        return {"indexed": []}
+    owners = g.vectors.owners(body.image_ids)
+    return {"indexed": [i for i in body.image_ids if i in owners]}
+
+
 def _media_type(path: Path) -> str:
     try:
         with Image.open(path) as image:
@@ -255,6 +289,15 @@ async def search_image(request: Request) -> Response:
         content=await request.body(),
         headers={"content-type": request.headers.get("content-type", "")},
     )
+
+
+@app.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    """The web page: search, upload, jobs."""
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
 @app.get("/healthz")
