@@ -24,7 +24,9 @@ from urllib.parse import urlparse
 import httpx
 import redis
 
+from shared.errors import Unavailable
 from shared.settings import Settings
+from shared.vectors import VectorStore
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Stack:
     settings: Settings
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    argvs: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -63,9 +66,31 @@ class Stack:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self.procs[name] = proc
+        self.procs[name], self.argvs[name] = proc, argv
         (self.run_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc
+
+    def send(self, name: str, sig: signal.Signals, *, group: bool = True) -> None:
+        """Send `sig` to one process (or its whole process group)."""
+        pid = self.procs[name].pid
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+    def stop(
+        self, name: str, *, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 30
+    ) -> None:
+        """Stop one process and wait for it to exit."""
+        proc = self.procs[name]
+        _stop(proc.pid, timeout_s, sig=sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+        (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+
+    def restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start a stopped process again with the same command line."""
+        return self.start(name, self.argvs[name])
 
     def up(self, *, timeout_s: float = 300.0, workers: int = 1) -> None:
         """Start what is missing and wait until the gateway and query service are ready."""
@@ -225,13 +250,13 @@ def _milvus_answers(uri: str) -> bool:
             pass
     except OSError:
         return False
-    from pymilvus import MilvusClient, MilvusException
-
+    probe = VectorStore(uri=uri, token=None, collection="-")
     try:
-        MilvusClient(uri=uri, timeout=3).list_collections(timeout=3)
-    except MilvusException:
+        return probe.ping()
+    except Unavailable:
         return False
-    return True
+    finally:
+        probe.reset()
 
 
 def _ready(url: str) -> bool:

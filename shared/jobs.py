@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from shared.errors import Conflict, NotFound
 
@@ -95,7 +97,18 @@ class JobStore:
     @classmethod
     def from_url(cls, url: str) -> JobStore:
         """A job store on the Redis at `url`."""
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+        # Ride out a Redis restart (about a minute) instead of failing the batch in hand.
+        retry = Retry(ExponentialBackoff(cap=4.0, base=0.1), retries=25)
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            health_check_interval=30,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            retry=retry,
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        return cls(client)
 
     @staticmethod
     def _key(job_id: str, part: str = "") -> str:

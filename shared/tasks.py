@@ -34,7 +34,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.task_visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.task_visibility_timeout_s,
+            # Look for batches of dead workers every few seconds (kombu's default is ~100 s);
+            # they are handed out again once older than the visibility timeout.
+            "unacked_restore_interval": max(1, min(10, settings.task_visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -20,6 +20,18 @@ OUTPUT_FIELDS = ["filename", "job_id", "created_at", "width", "height", "metadat
 HNSW_BUILD = {"M": 16, "efConstruction": 200}
 HNSW_SEARCH_EF = 128
 CALL_TIMEOUT_S = 10.0
+# pymilvus pings every 10 s even when idle; gRPC servers with default enforcement (Milvus
+# Lite's) answer that with GOAWAY "too_many_pings" and the next call fails. Ping only
+# during calls, no more often than the default server policy allows.
+# After an outage gRPC backs off reconnecting for up to two minutes and fails every call
+# meanwhile; cap that so service resumes within seconds of Milvus coming back.
+GRPC_OPTIONS = {
+    "grpc.keepalive_time_ms": 300_000,
+    "grpc.keepalive_permit_without_calls": False,
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.min_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 2_000,
+}
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -34,17 +46,28 @@ def literal(value: str) -> str:
     return '"' + "".join(_ESCAPES.get(ch, ch) for ch in value) + '"'
 
 
+def _released(exc: MilvusException) -> bool:
+    return "released" in str(exc) or "not loaded" in str(exc).lower()
+
+
 def _unavailable(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn Milvus connection and timeout failures into one Unavailable error."""
 
     @functools.wraps(fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        store = args[0]
+        assert isinstance(store, VectorStore)
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except MilvusException as exc:
+                if not _released(exc):
+                    raise
+                # After a Milvus restart collections come back unloaded: load, try once more.
+                store.client.load_collection(store.collection, timeout=CALL_TIMEOUT_S)
+                return fn(*args, **kwargs)
         except (MilvusException, grpc.RpcError) as exc:
-            store = args[0]
-            if isinstance(store, VectorStore):
-                store.reset()
+            store.reset()
             raise Unavailable(f"Milvus is unavailable: {exc}", code="milvus_unavailable") from exc
 
     return call
@@ -52,7 +75,7 @@ def _unavailable(fn: Callable[P, R]) -> Callable[P, R]:
 
 @dataclass(frozen=True, slots=True)
 class SearchFilters:
-    """Typed search filters; values are bound as parameters, never pasted into expressions."""
+    """Typed search filters; every value is escaped as a literal, never pasted raw."""
 
     job_id: str | None = None
     tag: str | None = None
@@ -88,7 +111,11 @@ class VectorStore:
             if self._client is None:
                 try:
                     self._client = MilvusClient(
-                        uri=self.uri, token=self.token or "", timeout=CALL_TIMEOUT_S
+                        uri=self.uri,
+                        token=self.token or "",
+                        timeout=CALL_TIMEOUT_S,
+                        grpc_options=GRPC_OPTIONS,
+                        dedicated=True,  # a reset gets a fresh channel, not a shared broken one
                     )
                 except MilvusException as exc:
                     raise Unavailable(

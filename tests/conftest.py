@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,41 +29,43 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("model") / "tiny-clip")
 
 
-@pytest.fixture(scope="session")
-def stack_env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, str]:
-    """Settings for a private stack: its own Redis, Milvus Lite server, ports and data dir."""
-    data = tmp_path_factory.mktemp("data")
-    return {
+def stack_settings(data: Path, model: Path, **extra: str) -> dict[str, str]:
+    """Environment for a private stack: its own Redis, Milvus Lite server, ports and data."""
+    env = {
         "DATA_DIR": str(data),
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "MILVUS_URI": f"http://127.0.0.1:{free_port()}",
         "MILVUS_COLLECTION": "test_images",
         "GATEWAY_PORT": str(free_port()),
         "QUERY_PORT": str(free_port()),
-        "CLIP_MODEL": str(tiny_model),
+        "CLIP_MODEL": str(model),
         "CLIP_DEVICE": "cpu",
         "EMBED_BATCH_SIZE": "16",
         "HF_HUB_OFFLINE": "1",
     }
+    return {**env, **extra}
 
 
-@pytest.fixture(scope="session")
-def stack(stack_env: dict[str, str], monkeypatch_session: pytest.MonkeyPatch) -> Iterator[Stack]:
-    """The whole stack as real processes: Redis, Milvus Lite, query, one worker, gateway."""
-    for key, value in stack_env.items():
-        monkeypatch_session.setenv(key, value)
-    running = Stack(Settings())
-    try:
-        running.up(timeout_s=180)
-        yield running
-    finally:
-        running.down()
-
-
-@pytest.fixture(scope="session")
-def monkeypatch_session() -> Iterator[pytest.MonkeyPatch]:
+@contextmanager
+def running_stack(env: dict[str, str], *, workers: int = 1) -> Iterator[Stack]:
+    """Start a whole stack as real processes; stop everything it started afterwards."""
     with pytest.MonkeyPatch.context() as mp:
-        yield mp
+        for key, value in env.items():
+            mp.setenv(key, value)
+        stack = Stack(Settings())  # children get this environment, now and on restarts
+    try:
+        stack.up(timeout_s=180, workers=workers)
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
+    """The shared stack: Redis, Milvus Lite, query, one Celery worker, gateway."""
+    env = stack_settings(tmp_path_factory.mktemp("data"), tiny_model)
+    with running_stack(env) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

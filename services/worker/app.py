@@ -23,6 +23,13 @@ from shared.vectors import VectorStore
 
 log = logging.getLogger(__name__)
 app = make_celery()
+# A retry is published to the broker; keep trying through a short Redis outage.
+app.conf.task_publish_retry_policy = {
+    "max_retries": 40,
+    "interval_start": 0.5,
+    "interval_step": 0.5,
+    "interval_max": 3.0,
+}
 # Errors that pass: retried with backoff; the batch is failed only after the last retry.
 TRANSIENT = (Unavailable, MilvusException, redis.ConnectionError, redis.TimeoutError)
 MAX_RETRIES = 10
@@ -78,6 +85,18 @@ def embed_batch(
             )
             return None
         pipeline.vectors.reset()
-        countdown = min(2**retries, 30)
+        # Stay under the visibility timeout, or the broker would hand the batch out twice.
+        cap = max(1, min(30, get_settings().task_visibility_timeout_s // 3))
+        countdown = min(2**retries, cap)
         log.warning("job %s: retry %d in %ss: %s", job_id, retries + 1, countdown, exc)
         raise self.retry(exc=exc, countdown=countdown) from exc
+    except Exception as exc:
+        # A bug, not an outage: report every item of the batch instead of losing it silently.
+        log.exception("job %s: batch failed", job_id)
+        pipeline.fail_all(
+            job_id=job_id,
+            items=items,
+            code="internal_error",
+            detail=f"the worker failed on this batch: {exc.__class__.__name__}",
+        )
+        return None
