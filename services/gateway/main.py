@@ -286,6 +286,7 @@ async def search_image(request: Request) -> Response:
         request,
         "POST",
         "/v1/search/image",
+        params=request.query_params,
         content=await request.body(),
         headers={"content-type": request.headers.get("content-type", "")},
     )

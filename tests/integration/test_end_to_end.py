@@ -77,7 +77,9 @@ def test_search_matches_brute_force_cosine(
         scores = images @ text_vec
         order = np.argsort(-scores)[:k]
         expected = [ids[i] for i in order]
-        body = api.get("/v1/search", params={"q": query, "k": k}).raise_for_status().json()
+        # Other test modules share this stack's collection: search within this job's images.
+        params = {"q": query, "k": k, "job_id": ingested["job_id"]}
+        body = api.get("/v1/search", params=params).raise_for_status().json()
         got = [hit["image_id"] for hit in body["hits"]]
         got_scores = [hit["score"] for hit in body["hits"]]
         assert len(got) == k

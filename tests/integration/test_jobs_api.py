@@ -102,7 +102,7 @@ def test_cancel_and_unknown_ids(api: httpx.Client) -> None:
 
 
 def test_delete_image_removes_vector_and_bytes(api: httpx.Client) -> None:
-    data = encode(make_image(7000))
+    data = encode(make_image(8800))
     wait_for_job(api, upload(api, [("gone.jpg", data)]).json()["job_id"])
     hit = api.post("/v1/search/image", files={"file": ("q.jpg", data)}).json()["hits"][0]
     assert hit["filename"] == "gone.jpg"
