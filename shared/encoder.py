@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPModel
 
 from shared.errors import ModelLoadError
+from shared.preprocess import ClipPreprocess
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class ClipEncoder:
         self.model: Any = clip.to(self.device).eval()
         self.dim = int(clip.config.projection_dim)
         self.max_tokens = int(clip.config.text_config.max_position_embeddings)
+        self._fast = ClipPreprocess.from_processor(self.processor.image_processor)
         # One forward pass at a time per process; torch already uses every core.
         self._lock = threading.Lock()
         log.info("loaded %s on %s as %s (dim %d)", model, self.device, self.dtype, self.dim)
@@ -75,11 +77,19 @@ class ClipEncoder:
             model=settings.clip_model, device=settings.clip_device, dtype=settings.clip_dtype
         )
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """One RGB image's pixel values, as the model's own image processor makes them.
+
+        Thread-safe and mostly GIL-free: the worker runs it in a pool beside the model.
+        """
+        if self._fast is not None:
+            return self._fast(image)
+        pixels: torch.Tensor = self.processor(images=[image], return_tensors="pt")["pixel_values"]
+        return pixels[0]
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Pixel values for a batch of RGB images, by the model's own image processor."""
-        batch = self.processor(images=list(images), return_tensors="pt")
-        pixels: torch.Tensor = batch["pixel_values"]
-        return pixels
+        """Pixel values for a batch of RGB images."""
+        return torch.stack([self.prepare(image) for image in images])
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:

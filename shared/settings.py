@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     gateway_url: str = "http://127.0.0.1:8000"
     gateway_port: int = 8000
     query_port: int = 8001
-    embed_batch_size: int = Field(default=32, ge=1, le=1024)
+    embed_batch_size: int = Field(default=64, ge=1, le=4096)  # images per Celery task
+    clip_batch_size: int = Field(default=32, ge=1, le=1024)  # images per forward pass
     # Limits on what one request may bring in (safe defaults; see README).
     max_upload_bytes: int = 512 * 1024 * 1024
     max_file_bytes: int = 50 * 1024 * 1024
@@ -43,6 +44,15 @@ class Settings(BaseSettings):
     max_search_k: int = 200
     # Longest an embed task may run before the broker hands it to another worker.
     task_visibility_timeout_s: int = 3600
+    # Blob store backend: `local` (BLOB_DIR) or `s3` (an S3-compatible bucket, for many hosts).
+    # Without S3_ACCESS_KEY/S3_SECRET_KEY, boto3's own chain is used (AWS_ACCESS_KEY_ID, ...).
+    blob_backend: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "clipsearch-blobs"
+    s3_region: str | None = None
+    s3_prefix: str = ""
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from celery.signals import worker_process_init
 from pymilvus import MilvusException
 
 from services.worker.pipeline import Pipeline
-from shared.blobs import BlobStore
+from shared.blobs import make_blob_store
 from shared.encoder import ClipEncoder
 from shared.errors import Unavailable
 from shared.jobs import JobStore
@@ -51,10 +51,12 @@ def get_pipeline() -> Pipeline:
                 collection=settings.milvus_collection,
                 index=settings.milvus_index,
             ),
-            blobs=BlobStore(settings.blob_dir),
+            blobs=make_blob_store(settings),
             jobs=JobStore.from_url(settings.redis_url),
             max_pixels=settings.max_image_pixels,
             pool=ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)),
+            io=ThreadPoolExecutor(max_workers=1),
+            forward_batch=settings.clip_batch_size,
         )
     return _pipeline
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+import torch
 
 from services.worker.decode import DecodeError, decode_image
 from shared.blobs import BlobStore
@@ -38,6 +38,34 @@ class Stages:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An image ready for the model: its pixel values and original size."""
+
+    pixels: torch.Tensor
+    width: int
+    height: int
+
+
+def _rows(
+    chunk: list[tuple[BatchItem, Prepared]], vectors: Any, *, job_id: str, metadata: dict[str, Any]
+) -> list[dict[str, Any]]:
+    now = int(time.time())
+    return [
+        {
+            "image_id": it["image_id"],
+            "vector": vec.tolist(),
+            "filename": it["filename"],
+            "job_id": job_id,
+            "created_at": now,
+            "width": p.width,
+            "height": p.height,
+            "metadata": metadata,
+        }
+        for (it, p), vec in zip(chunk, vectors, strict=True)
+    ]
+
+
 @dataclass
 class Pipeline:
     """The parts a batch needs, built once per worker process."""
@@ -48,14 +76,18 @@ class Pipeline:
     jobs: JobStore
     max_pixels: int
     pool: ThreadPoolExecutor
+    io: ThreadPoolExecutor
+    forward_batch: int = 32
 
-    def _load(self, item: BatchItem) -> tuple[BatchItem, Image.Image | DecodeError]:
+    def _load(self, item: BatchItem) -> tuple[BatchItem, Prepared | DecodeError]:
+        """Fetch, decode and preprocess one image (runs in the pool, beside the model)."""
         try:
-            return item, decode_image(self.blobs.get(item["image_id"]), max_pixels=self.max_pixels)
+            image = decode_image(self.blobs.get(item["image_id"]), max_pixels=self.max_pixels)
         except NotFound:
             return item, DecodeError("blob_missing", "the stored bytes are gone")
         except DecodeError as exc:
             return item, exc
+        return item, Prepared(self.encoder.prepare(image), image.width, image.height)
 
     def run(self, *, job_id: str, items: list[BatchItem], metadata: dict[str, Any]) -> str | None:
         """Index one batch and count every item; return the job's state afterwards."""
@@ -76,44 +108,52 @@ class Pipeline:
             else:  # a redelivered batch finds its own rows: they count as done, not duplicates
                 outcome: Outcome = "done" if owner == job_id else "duplicates"
                 results.append(ItemResult(it["key"], outcome, it["filename"]))
-        with stages.time("decode"):
-            loaded = list(self.pool.map(self._load, todo))
-        good: list[tuple[BatchItem, Image.Image]] = []
-        for it, image in loaded:
-            if isinstance(image, DecodeError):
-                results.append(
-                    ItemResult(it["key"], "failed", it["filename"], image.code, image.detail)
-                )
-            else:
-                good.append((it, image))
-        if good:
+        # Every image is handed to the pool at once; the model takes them a forward batch at a
+        # time as they become ready, so decoding overlaps the forward passes, and each
+        # upsert overlaps the next forward pass.
+        upserts: list[Future[None]] = []
+        chunk: list[tuple[BatchItem, Prepared]] = []
+        indexed = 0
+
+        def flush() -> None:
+            nonlocal indexed
+            if not chunk:
+                return
             with stages.time("encode"):
-                vectors = self.encoder.encode_images([image for _, image in good])
-            now = int(time.time())
-            rows = [
-                {
-                    "image_id": it["image_id"],
-                    "vector": vec.tolist(),
-                    "filename": it["filename"],
-                    "job_id": job_id,
-                    "created_at": now,
-                    "width": image.width,
-                    "height": image.height,
-                    "metadata": metadata,
-                }
-                for (it, image), vec in zip(good, vectors, strict=True)
-            ]
-            with stages.time("upsert"):
-                self.vectors.upsert(rows)
-            results += [ItemResult(it["key"], "done", it["filename"]) for it, _ in good]
+                vectors = self.encoder.encode_pixels(torch.stack([p.pixels for _, p in chunk]))
+            rows = _rows(chunk, vectors, job_id=job_id, metadata=metadata)
+            upserts.append(self.io.submit(self.vectors.upsert, rows))
+            results.extend(ItemResult(it["key"], "done", it["filename"]) for it, _ in chunk)
+            indexed += len(chunk)
+            chunk.clear()
+
+        loaded = self.pool.map(self._load, todo)
+        while True:
+            with stages.time("decode_wait"):
+                nxt = next(loaded, None)
+            if nxt is None:
+                break
+            it, prepared = nxt
+            if isinstance(prepared, DecodeError):
+                results.append(
+                    ItemResult(it["key"], "failed", it["filename"], prepared.code, prepared.detail)
+                )
+                continue
+            chunk.append((it, prepared))
+            if len(chunk) >= self.forward_batch:
+                flush()
+        flush()
+        with stages.time("upsert_wait"):
+            for future in upserts:
+                future.result()  # an outage raises here, before anything is counted
         with stages.time("record"):
             state = self.jobs.record(job_id, results)
         log.info(
             "job %s batch of %d: %d indexed, %d failed; %s",
             job_id,
             len(items),
-            len(good),
-            len(loaded) - len(good),
+            indexed,
+            len(todo) - indexed,
             " ".join(f"{k}={v * 1000:.0f}ms" for k, v in stages.timings.items()),
             extra={"job_id": job_id, "stages": stages.timings},
         )
