@@ -44,5 +44,10 @@ format: install
 test: lint
 	$(PY) -m pytest
 
+# Speed figures beside their baselines, one run (see BENCHMARKS.md); BENCH_ARGS=--full for
+# the full sizes.
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

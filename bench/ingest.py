@@ -1,0 +1,132 @@
+"""Ingest: end to end against model-only (same dtype, batch) and the tutorial's loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from PIL import Image
+from pymilvus import MilvusClient
+from transformers import AutoProcessor, CLIPModel
+
+from bench.fixtures import jpeg_set, tiny, tiny_png_set, vit_b32
+from bench.harness import ROOT, Table, private_stack, run_job
+from shared.encoder import ClipEncoder
+
+
+def model_only(model: Path, paths: list[Path], *, dtype: str, batch: int, reps: int) -> float:
+    """Images/s of the image tower alone on preprocessed batches (inference mode)."""
+    encoder = ClipEncoder(model=str(model), device="cpu", dtype=dtype)
+    images = [Image.open(p).convert("RGB") for p in paths[:batch]]
+    pixels = encoder.preprocess(images)
+    encoder.encode_pixels(pixels)  # warm-up
+    start = time.perf_counter()
+    for _ in range(reps):
+        encoder.encode_pixels(pixels)
+    return reps * batch / (time.perf_counter() - start)
+
+
+def tutorial_loop(model: Path, paths: list[Path], milvus_uri: str) -> float:
+    """Images/s of the tutorial's loop: one image at a time, float32, autograd on, one insert."""
+    processor = AutoProcessor.from_pretrained(model)
+    clip: Any = CLIPModel.from_pretrained(model)
+    clip.eval()
+    client = MilvusClient(uri=milvus_uri)
+    if client.has_collection("tutorial"):
+        client.drop_collection("tutorial")
+    client.create_collection(
+        "tutorial", dimension=clip.config.projection_dim, auto_id=True, enable_dynamic_field=True
+    )
+    start = time.perf_counter()
+    rows = []
+    for path in paths:
+        pixels = processor(images=Image.open(path), return_tensors="pt")["pixel_values"]
+        features = clip.get_image_features(pixel_values=pixels).pooler_output
+        features /= features.norm(dim=-1, keepdim=True)
+        rows.append({"vector": features.squeeze().tolist(), "filepath": str(path)})
+    client.insert("tutorial", data=rows)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def run(table: Table, *, images: int, dtype: str, tutorial_images: int, ceiling: int) -> None:
+    """Ingest ratios (targets 1 and 3 of the speed issue)."""
+    model = vit_b32(ROOT / "models" / "vit-b32-random")
+    photos = jpeg_set(ROOT / "photos", images)
+    env = {
+        "CLIP_MODEL": str(model),
+        "CLIP_DTYPE": dtype,
+        "CLIP_DEVICE": "cpu",
+        "EMBED_BATCH_SIZE": "64",
+        "CLIP_BATCH_SIZE": "32",
+    }
+    with (
+        private_stack("ingest", **env) as stack,
+        httpx.Client(base_url=stack.gateway_url, timeout=600) as client,
+    ):
+        run_job(client, jpeg_set(ROOT / "warmup", 64))  # the worker's model is loaded and warm
+        job = run_job(client, photos)
+        assert job["done"] + job["duplicates"] == images, job
+        e2e = images / job["seconds"]
+        tutorial = tutorial_loop(model, photos[:tutorial_images], stack.settings.milvus_uri)
+    torch.set_num_threads(torch.get_num_threads())
+    reps = max(3, images // 128)
+    mo = model_only(model, photos, dtype=dtype, batch=32, reps=reps)
+    mo32 = (
+        mo
+        if dtype == "float32"
+        else model_only(model, photos, dtype="float32", batch=32, reps=max(2, reps // 3))
+    )
+    table.add(f"model only, ViT-B/32, {dtype}, batch 32", mo, "img/s")
+    if dtype != "float32":
+        table.add("model only, ViT-B/32, float32, batch 32", mo32, "img/s")
+    table.add(
+        f"ingest end to end, {images} JPEGs 500x375, {dtype}",
+        e2e,
+        "img/s",
+        baseline=mo,
+        baseline_name="model only",
+        target=">= 0.7x",
+        ok=e2e >= 0.7 * mo,
+    )
+    table.add(f"tutorial loop ({tutorial_images} images, float32, autograd)", tutorial, "img/s")
+    table.add(
+        "ingest end to end vs tutorial loop",
+        e2e,
+        "img/s",
+        baseline=tutorial,
+        baseline_name="tutorial",
+        target=">= 5x",
+        ok=e2e >= 5 * tutorial,
+    )
+    if ceiling:
+        pipeline_ceiling(table, n=ceiling)
+
+
+def pipeline_ceiling(table: Table, *, n: int) -> None:
+    """A tiny model and 32 px PNGs: what gateway, queue, job store, decode and upserts allow."""
+    model = tiny(ROOT / "models" / "tiny")
+    pngs = tiny_png_set(ROOT / "pngs", n)
+    env = {
+        "CLIP_MODEL": str(model),
+        "CLIP_DEVICE": "cpu",
+        "EMBED_BATCH_SIZE": "512",
+        "CLIP_BATCH_SIZE": "512",
+    }
+    with (
+        private_stack("ceiling", **env) as stack,
+        httpx.Client(base_url=stack.gateway_url, timeout=600) as client,
+    ):
+        run_job(client, tiny_png_set(ROOT / "pngs-warm", 64))
+        job = run_job(client, pngs, chunk=n)
+    assert job["done"] + job["duplicates"] == n, job
+    rate = n / job["seconds"]
+    table.add(
+        f"pipeline ceiling, tiny model, {n} images, one job",
+        rate,
+        "img/s",
+        target=">= 1000 img/s",
+        ok=rate >= 1000,
+    )

@@ -1,0 +1,149 @@
+"""Query latency through the gateway with many images indexed, one client and eight."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+
+from bench.fixtures import vit_b32
+from bench.harness import ROOT, Table, percentile, private_stack
+from shared.vectors import VectorStore
+
+WORDS = [
+    "dog",
+    "cat",
+    "car",
+    "tree",
+    "beach",
+    "city",
+    "night",
+    "red",
+    "white",
+    "small",
+    "old",
+    "boat",
+    "house",
+    "bird",
+    "flower",
+    "mountain",
+    "person",
+    "street",
+    "snow",
+    "river",
+    "bridge",
+    "table",
+    "chair",
+    "book",
+    "phone",
+]
+
+
+def fill(store: VectorStore, *, n: int, dim: int, batch: int = 5_000) -> float:
+    """Insert n unit vectors (clustered, like real embeddings) directly; seconds taken."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(256, dim)).astype(np.float32)
+    start = time.perf_counter()
+    for lo in range(0, n, batch):
+        size = min(batch, n - lo)
+        vec = centres[rng.integers(0, 256, size)] + 0.6 * rng.normal(size=(size, dim))
+        vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+        store.upsert(
+            [
+                {
+                    "image_id": f"{lo + i:064x}",
+                    "vector": v.tolist(),
+                    "filename": "x",
+                    "job_id": "bench",
+                    "created_at": 0,
+                    "width": 1,
+                    "height": 1,
+                    "metadata": {},
+                }
+                for i, v in enumerate(vec)
+            ]
+        )
+    return time.perf_counter() - start
+
+
+def queries(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))) + f" {i}" for i in range(n)]
+
+
+def latencies(url: str, texts: list[str]) -> tuple[list[float], int]:
+    out, errors = [], 0
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for text in texts:
+            start = time.perf_counter()
+            response = client.get("/v1/search", params={"q": text, "k": 10})
+            out.append((time.perf_counter() - start) * 1000)
+            errors += response.status_code >= 400
+    return out, errors
+
+
+def run(
+    table: Table,
+    *,
+    vectors: int,
+    index: str,
+    seconds: float,
+    label: str,
+    milvus_uri: str | None = None,
+) -> None:
+    """p50/p99 for one client and QPS for eight, distinct query texts (no cache hits)."""
+    model = vit_b32(ROOT / "models" / "vit-b32-random")
+    env = {"CLIP_MODEL": str(model), "CLIP_DEVICE": "cpu", "MILVUS_INDEX": index}
+    if milvus_uri:
+        env["MILVUS_URI"] = milvus_uri
+    with private_stack(f"query-{label}", **env) as stack:
+        store = VectorStore(
+            uri=stack.settings.milvus_uri,
+            token=None,
+            collection=stack.settings.milvus_collection,
+            index=index,
+        )
+        store.ensure_collection(dim=512)
+        have = store.count()
+        took = fill(store, n=vectors - have, dim=512) if have < vectors else 0.0
+        if took:
+            table.add(
+                f"{label}: insert {vectors - have} vectors", (vectors - have) / took, "vectors/s"
+            )
+        latencies(stack.gateway_url, queries(20, 99))  # warm up
+        one, errors = latencies(stack.gateway_url, queries(300, 1))
+        table.add(
+            f"{label}: 1 client p50, {vectors} images, {index}",
+            percentile(one, 50),
+            "ms",
+            target="<= 15 ms",
+            ok=percentile(one, 50) <= 15,
+        )
+        table.add(
+            f"{label}: 1 client p99",
+            percentile(one, 99),
+            "ms",
+            target="<= 50 ms",
+            ok=percentile(one, 99) <= 50,
+        )
+        per_client = max(20, int(seconds * 15))
+        start = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            results = list(
+                pool.map(
+                    lambda s: latencies(stack.gateway_url, queries(per_client, s)), range(100, 108)
+                )
+            )
+        elapsed = time.perf_counter() - start
+        total = sum(len(r[0]) for r in results)
+        errors += sum(r[1] for r in results)
+        qps = total / elapsed
+        table.add(
+            f"{label}: 8 clients, {total} queries, {errors} errors",
+            qps,
+            "QPS",
+            target=">= 100 QPS, 0 errors",
+            ok=qps >= 100 and errors == 0,
+        )
