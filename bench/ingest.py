@@ -31,7 +31,7 @@ def model_only(model: Path, paths: list[Path], *, dtype: str, batch: int, reps: 
 
 def tutorial_loop(model: Path, paths: list[Path], milvus_uri: str) -> float:
     """Images/s of the tutorial's loop: one image at a time, float32, autograd on, one insert."""
-    processor = AutoProcessor.from_pretrained(model)
+    processor = AutoProcessor.from_pretrained(model)  # type: ignore[no-untyped-call]
     clip: Any = CLIPModel.from_pretrained(model)
     clip.eval()
     client = MilvusClient(uri=milvus_uri)
