@@ -66,6 +66,7 @@ class ClipEncoder:
         self.dim = int(clip.config.projection_dim)
         self.max_tokens = int(clip.config.text_config.max_position_embeddings)
         self._fast = ClipPreprocess.from_processor(self.processor.image_processor)
+        self.input_size = int(clip.config.vision_config.image_size)
         # One forward pass at a time per process; torch already uses every core.
         self._lock = threading.Lock()
         log.info("loaded %s on %s as %s (dim %d)", model, self.device, self.dtype, self.dim)

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     query_port: int = 8001
     embed_batch_size: int = Field(default=64, ge=1, le=4096)  # images per Celery task
     clip_batch_size: int = Field(default=32, ge=1, le=1024)  # images per forward pass
+    # Decode JPEGs much larger than the model's input at reduced scale (2x input, at least).
+    decode_draft: bool = True
     # Limits on what one request may bring in (safe defaults; see README).
     max_upload_bytes: int = 512 * 1024 * 1024
     max_file_bytes: int = 50 * 1024 * 1024
@@ -53,8 +55,17 @@ class Settings(BaseSettings):
     s3_prefix: str = ""
     s3_access_key: SecretStr | None = None
     s3_secret_key: SecretStr | None = None
+    # Access, rate limits and observability
+    cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated; "*" allows any
+    # Per API key (or client IP without one), shared through Redis; "" or "0" disables.
+    rate_limit_uploads: str = "60/minute"
+    rate_limit_searches: str = "600/minute"
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: no worker /metrics
+    worker_metrics_host: str = "127.0.0.1"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -12,11 +12,11 @@ from celery import Task
 from celery.signals import worker_process_init
 from pymilvus import MilvusException
 
+from services.worker import metrics  # first: it sets up multiprocess metrics and logging
 from services.worker.pipeline import Pipeline
 from shared.blobs import make_blob_store
 from shared.encoder import ClipEncoder
 from shared.errors import Unavailable
-from shared.jobs import JobStore
 from shared.settings import get_settings
 from shared.tasks import EMBED_TASK, BatchItem, make_celery
 from shared.vectors import VectorStore
@@ -52,11 +52,12 @@ def get_pipeline() -> Pipeline:
                 index=settings.milvus_index,
             ),
             blobs=make_blob_store(settings),
-            jobs=JobStore.from_url(settings.redis_url),
+            jobs=metrics.MeteredJobStore.from_url(settings.redis_url),
             max_pixels=settings.max_image_pixels,
             pool=ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)),
             io=ThreadPoolExecutor(max_workers=1),
             forward_batch=settings.clip_batch_size,
+            draft=2 * encoder.input_size if settings.decode_draft else None,
         )
     return _pipeline
 

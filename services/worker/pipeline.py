@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from services.worker.decode import DecodeError, decode_image
+from services.worker.decode import DecodeError, decode_sized
 from shared.blobs import BlobStore
 from shared.encoder import ClipEncoder
 from shared.errors import NotFound
@@ -78,16 +78,19 @@ class Pipeline:
     pool: ThreadPoolExecutor
     io: ThreadPoolExecutor
     forward_batch: int = 32
+    draft: int | None = None  # decode large JPEGs at reduced scale, short side >= this
 
     def _load(self, item: BatchItem) -> tuple[BatchItem, Prepared | DecodeError]:
         """Fetch, decode and preprocess one image (runs in the pool, beside the model)."""
         try:
-            image = decode_image(self.blobs.get(item["image_id"]), max_pixels=self.max_pixels)
+            image, (width, height) = decode_sized(
+                self.blobs.get(item["image_id"]), max_pixels=self.max_pixels, draft=self.draft
+            )
         except NotFound:
             return item, DecodeError("blob_missing", "the stored bytes are gone")
         except DecodeError as exc:
             return item, exc
-        return item, Prepared(self.encoder.prepare(image), image.width, image.height)
+        return item, Prepared(self.encoder.prepare(image), width, height)
 
     def run(self, *, job_id: str, items: list[BatchItem], metadata: dict[str, Any]) -> str | None:
         """Index one batch and count every item; return the job's state afterwards."""

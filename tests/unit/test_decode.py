@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.worker.decode import DecodeError, decode_image
+from services.worker.decode import DecodeError, decode_image, decode_sized
 from tests.images import encode, make_image
 
 
@@ -57,3 +57,23 @@ def test_pixel_limit() -> None:
     with pytest.raises(DecodeError) as err:
         decode_image(encode(make_image(4, size=(200, 200))), max_pixels=100 * 100)
     assert err.value.code == "image_too_large"
+
+
+def test_draft_decodes_large_jpegs_smaller_but_reports_the_real_size() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(make_image(5, size=(2000, 1200)), "JPEG", exif=exif.tobytes())
+    full, full_size = decode_sized(data, max_pixels=10**8)
+    small, small_size = decode_sized(data, max_pixels=10**8, draft=224)
+    assert full_size == small_size == (1200, 2000) == full.size
+    assert min(small.size) >= 224 and small.size[0] < full.size[0]
+    # Same picture: the reduced decode matches a plain downscale closely.
+    ref = np.asarray(full.resize(small.size, Image.Resampling.BICUBIC), dtype=np.float32)
+    assert np.abs(np.asarray(small, dtype=np.float32) - ref).mean() < 6
+
+
+def test_draft_leaves_small_and_non_jpeg_images_alone() -> None:
+    png = encode(make_image(6, size=(2000, 1200)), "PNG")
+    assert decode_sized(png, max_pixels=10**8, draft=224)[0].size == (2000, 1200)
+    jpeg = encode(make_image(7, size=(400, 300)))
+    assert decode_sized(jpeg, max_pixels=10**8, draft=224)[0].size == (400, 300)
