@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     query_port: int = 8001
     embed_batch_size: int = Field(default=64, ge=1, le=4096)  # images per Celery task
     clip_batch_size: int = Field(default=32, ge=1, le=1024)  # images per forward pass
-    # Decode JPEGs much larger than the model's input at reduced scale (2x input, at least).
+    # Decode JPEGs much larger than the model's input at reduced scale (4x input, at least).
     decode_draft: bool = True
     # Limits on what one request may bring in (safe defaults; see README).
     max_upload_bytes: int = 512 * 1024 * 1024

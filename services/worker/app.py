@@ -57,7 +57,7 @@ def get_pipeline() -> Pipeline:
             pool=ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)),
             io=ThreadPoolExecutor(max_workers=1),
             forward_batch=settings.clip_batch_size,
-            draft=2 * encoder.input_size if settings.decode_draft else None,
+            draft=4 * encoder.input_size if settings.decode_draft else None,
         )
     return _pipeline
 
