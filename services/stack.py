@@ -146,8 +146,8 @@ class Stack:
                 str(s.gateway_port),
             ],
         )
-        _wait(lambda: _ready(f"{self.query_url}/readyz"), timeout_s, "query", self)
-        _wait(lambda: _ready(f"{self.gateway_url}/readyz"), timeout_s, "gateway", self)
+        _wait(lambda: is_ready(f"{self.query_url}/readyz"), timeout_s, "query", self)
+        _wait(lambda: is_ready(f"{self.gateway_url}/readyz"), timeout_s, "gateway", self)
 
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         """One Celery worker process (one pool child) on the embed queue."""
@@ -259,7 +259,7 @@ def _milvus_answers(uri: str) -> bool:
         probe.reset()
 
 
-def _ready(url: str) -> bool:
+def is_ready(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:

@@ -1,0 +1,1 @@
+"""Offline demo: a small CLIP trained here on Fashion-MNIST, and its sample images."""
