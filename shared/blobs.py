@@ -1,4 +1,9 @@
-"""Content-addressed blob store on a local directory: key = SHA-256 hex of the bytes."""
+"""Content-addressed blob store: key = SHA-256 hex of the bytes.
+
+`BlobStore` keeps the bytes in a local directory (one machine, or a shared volume);
+`shared.s3.S3BlobStore` keeps them in an S3-compatible bucket (many machines) with the same
+methods. `make_blob_store` picks one from the settings (`BLOB_BACKEND=local|s3`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import NotFound
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
@@ -24,7 +33,12 @@ def is_valid_id(key: str) -> bool:
 
 
 class BlobStore:
-    """Stores bytes under their SHA-256 in a two-level fan-out directory tree."""
+    """Stores bytes under their SHA-256 in a two-level fan-out directory tree.
+
+    Every backend has put/get/exists/delete and `local_path`; only this one has `path`.
+    """
+
+    backend = "local"
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -35,6 +49,17 @@ class BlobStore:
         if not is_valid_id(key):
             raise NotFound(f"no image {key!r}", code="image_not_found")
         return self.root / key[:2] / key[2:4] / key
+
+    def local_path(self, key: str) -> Path | None:
+        """A local file holding the blob (to serve it without reading it into memory).
+
+        None when there is none here: the blob is missing, or the backend keeps no local
+        files (S3); read the bytes with get() then.
+        """
+        if not is_valid_id(key):
+            return None
+        path = self.path(key)
+        return path if path.is_file() else None
 
     def put(self, data: bytes) -> str:
         """Store `data` (atomically, idempotently) and return its key."""
@@ -73,3 +98,12 @@ class BlobStore:
         except FileNotFoundError:
             return False
         return True
+
+
+def make_blob_store(settings: Settings) -> BlobStore:
+    """The blob store the settings name: BLOB_DIR on local disk, or an S3 bucket."""
+    if settings.blob_backend == "s3":
+        from shared.s3 import S3BlobStore  # boto3 is imported only when S3 is used
+
+        return S3BlobStore.from_settings(settings)
+    return BlobStore(settings.blob_dir)

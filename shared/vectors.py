@@ -188,8 +188,14 @@ class VectorStore:
         """For the ids already indexed, the job that indexed each."""
         if not image_ids:
             return {}
+        # Strong: a row another job wrote a moment ago must count as a duplicate here
+        # (Milvus standalone reads Bounded by default).
         rows = self.client.get(
-            self.collection, ids=list(image_ids), output_fields=["job_id"], timeout=CALL_TIMEOUT_S
+            self.collection,
+            ids=list(image_ids),
+            output_fields=["job_id"],
+            timeout=CALL_TIMEOUT_S,
+            consistency_level="Strong",
         )
         return {row["image_id"]: row["job_id"] for row in rows}
 
