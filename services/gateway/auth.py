@@ -2,36 +2,72 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request
 
-from shared.errors import Forbidden, Unauthorized
+from shared.errors import Unauthorized
 from shared.settings import get_settings
+
+
+class KeyRequired(Unauthorized):
+    """401 with the challenge header RFC 9110 asks for (RFC 6750's form for bearer keys)."""
+
+    def __init__(self, detail: str, *, code: str, error: str | None = None) -> None:
+        super().__init__(detail, code=code)
+        challenge = 'Bearer realm="clipsearch"' + (f', error="{error}"' if error else "")
+        self.headers = {"WWW-Authenticate": challenge}
 
 
 def _presented(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.headers.get("x-api-key")
+        return header[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def matched_key(request: Request) -> str | None:
+    """The configured key the request presents, or None (compared in constant time)."""
+    keys = get_settings().api_keys
+    given = _presented(request)
+    if not keys or not given:
+        return None
+    # Equal-length digests, and no early exit: the time taken tells nothing about the keys.
+    wanted, found = _digest(given), None
+    for key in keys:
+        secret = key.get_secret_value()
+        if hmac.compare_digest(wanted, _digest(secret)):
+            found = secret
+    return found
+
+
+def client_identity(request: Request) -> str:
+    """Who is asking, for rate limits and idempotency: a valid key's hash, else the client IP.
+
+    An unchecked key is never used, or a client could rotate made-up keys to dodge its limits.
+    Behind a proxy, run uvicorn with --proxy-headers so the client address is the real one.
+    """
+    key = matched_key(request)
+    if key is not None:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "ip:" + (request.client.host if request.client else "unknown")
 
 
 def check_key(request: Request) -> None:
-    """401 when no key is given, 403 when it matches none (compared in constant time)."""
-    keys = get_settings().api_keys
-    if not keys:
+    """401 when no key is given or it matches none; both name the scheme to use."""
+    if not get_settings().api_keys:
         return
-    given = _presented(request)
-    if not given:
-        raise Unauthorized(
+    if _presented(request) is None:
+        raise KeyRequired(
             "this route needs an API key: 'Authorization: Bearer KEY'", code="missing_api_key"
         )
-    ok = False
-    for key in keys:  # no early exit: the time taken does not tell which key nearly matched
-        ok |= hmac.compare_digest(given.encode(), key.get_secret_value().encode())
-    if not ok:
-        raise Forbidden("the API key is not valid", code="invalid_api_key")
+    if matched_key(request) is None:
+        raise KeyRequired("the API key is not valid", code="invalid_api_key", error="invalid_token")
 
 
 def require_write(request: Request) -> None:

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import io
+import lzma
 import posixpath
 import re
 import tarfile
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"})
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# CLIP scales the shorter side to 224 px: a 60000x1 strip would become 3 billion pixels in the
+# worker. Longer than this many times the short side is refused with the oversized images.
+MAX_ASPECT_RATIO = 100
+# What zipfile and tarfile raise on damaged or crafted archives (found by fuzzing): a bad
+# archive is one rejection, never a 500. RuntimeError: an encrypted zip entry.
+BAD_ARCHIVE = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    NotImplementedError,
+    RuntimeError,
+    ValueError,
+    zlib.error,
+    lzma.LZMAError,
+)
+# C0 and C1 controls, and the bidi marks that can make "gpj.exe" display as "exe.jpg".
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +67,12 @@ class Rejection:
 
 
 def clean_filename(name: str | bytes | None) -> str:
-    """A printable relative name: no control characters, no leading slashes, at most 255."""
+    """A printable relative name: no control characters, no empty, '.' or '..' parts, <= 255."""
     if isinstance(name, bytes):
         name = name.decode("utf-8", errors="replace")
     name = unicodedata.normalize("NFC", name or "")
-    name = _CONTROL.sub("", name).replace("\\", "/").lstrip("/")
+    name = _CONTROL.sub("", name).replace("\\", "/")
+    name = "/".join(part for part in name.split("/") if part not in ("", ".", ".."))
     return name[-255:] or "unnamed"
 
 
@@ -66,7 +86,7 @@ def is_archive(filename: str, data: bytes) -> str | None:
         try:
             with tarfile.open(fileobj=io.BytesIO(data)):
                 return "tar"
-        except tarfile.TarError:
+        except BAD_ARCHIVE:
             return None
     return None
 
@@ -98,13 +118,19 @@ def inspect_image(filename: str, data: bytes, limits: Limits) -> Candidate | Rej
             "unsupported_format",
             f"{fmt} is not supported; use one of {', '.join(sorted(FORMATS))}",
         )
-    if width * height > limits.max_image_pixels:
-        return Rejection(
-            filename,
-            "image_too_large",
-            f"{width}x{height} pixels is over the limit of {limits.max_image_pixels}",
-        )
+    problem = dimension_problem(width, height, max_pixels=limits.max_image_pixels)
+    if problem:
+        return Rejection(filename, "image_too_large", problem)
     return Candidate(filename, data, width, height)
+
+
+def dimension_problem(width: int, height: int, *, max_pixels: int) -> str | None:
+    """Why an image of this size must not be decoded (too many pixels, too long a strip)."""
+    if width * height > max_pixels:
+        return f"{width}x{height} pixels is over the limit of {max_pixels}"
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        return f"{width}x{height} is longer than {MAX_ASPECT_RATIO} times its short side"
+    return None
 
 
 def _safe_member(name: str) -> str | None:
@@ -137,6 +163,9 @@ def _archive_entries(
     if kind == "zip":
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             for info in zf.infolist():
+                if not info.filename:  # no name at all: nothing safe to call it
+                    yield "", None, "unsafe_path"
+                    continue
                 if info.is_dir():
                     continue
                 if (info.external_attr >> 16) & 0o170000 == 0o120000:
@@ -179,6 +208,7 @@ _WHY = {
     "archive_too_many_entries": "the archive has more entries than allowed",
     "unsafe_path": "the entry's path leaves the archive (absolute or '..')",
     "nested_archive": "archives inside archives are not expanded",
+    "empty_archive": "the archive holds no files",
 }
 
 
@@ -188,8 +218,10 @@ def expand(filename: str, data: bytes, limits: Limits) -> Iterator[Candidate | R
     if kind is None:
         yield inspect_image(filename, data, limits)
         return
+    found = 0
     try:
         for name, body, why in _archive_entries(kind, data, limits):
+            found += 1
             shown = f"{filename}/{clean_filename(name)}"
             safe = _safe_member(name)
             if not why and safe is None:
@@ -199,8 +231,11 @@ def expand(filename: str, data: bytes, limits: Limits) -> Iterator[Candidate | R
             elif is_archive(name, body):
                 yield Rejection(shown, "nested_archive", _WHY["nested_archive"])
             elif posixpath.basename(name).startswith("._") or name.startswith("__MACOSX/"):
-                continue  # macOS resource forks, not images
+                found -= 1  # macOS resource forks, not images
             else:
                 yield inspect_image(f"{filename}/{clean_filename(safe)}", body, limits)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, NotImplementedError) as exc:
+    except BAD_ARCHIVE as exc:
         yield Rejection(filename, "bad_archive", f"cannot read the archive: {exc}")
+        return
+    if not found:  # said so, rather than a job of nothing
+        yield Rejection(filename, "empty_archive", _WHY["empty_archive"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,16 +19,22 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from services.gateway import thumbnails
-from services.gateway.auth import require_read, require_write
+from services.gateway import metrics, thumbnails
+from services.gateway.auth import client_identity, require_read, require_write
+from services.gateway.bodylimit import MAX_SMALL_BODY, BodyLimit
 from services.gateway.ingest import Limits
+from services.gateway.metadata import parse_metadata
+from services.gateway.ratelimit import RateLimits, limit, parse_rule
 from services.gateway.submit import submit_job
-from shared.blobs import BlobStore
+from shared import logs
+from shared.blobs import make_blob_store
 from shared.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable
-from shared.http import error_response, install_error_handlers
+from shared.http import error_response, install_cors, install_error_handlers
 from shared.jobs import JobStore
+from shared.metrics import instrument, metrics_response
 from shared.settings import Settings, get_settings
 from shared.tasks import make_celery
 from shared.vectors import VectorStore
@@ -45,7 +51,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.jobs = JobStore.from_url(settings.redis_url)
-        self.blobs = BlobStore(settings.blob_dir)
+        self.blobs = make_blob_store(settings)
         self.celery = make_celery(settings)
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
         self.vectors = VectorStore(
@@ -60,13 +66,22 @@ class Gateway:
             max_archive_entries=settings.max_archive_entries,
             max_archive_bytes=settings.max_archive_bytes,
         )
+        self.rate_limits = RateLimits(
+            redis_url=settings.redis_url,
+            rules={
+                "uploads": parse_rule(settings.rate_limit_uploads, name="RATE_LIMIT_UPLOADS"),
+                "searches": parse_rule(settings.rate_limit_searches, name="RATE_LIMIT_SEARCHES"),
+            },
+        )
         # One pooled keep-alive client to the query service.
         self.query = httpx.AsyncClient(base_url=settings.query_url, timeout=30.0)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.gw = Gateway(get_settings())
+    settings = get_settings()
+    logs.configure("gateway", fmt=settings.log_format, level=settings.log_level)
+    app.state.gw = Gateway(settings)
     yield
     await app.state.gw.query.aclose()
 
@@ -80,35 +95,47 @@ def gw(request: Request) -> Gateway:
     return gateway
 
 
-@app.middleware("http")
-async def limit_body(request: Request, call_next: Any) -> Response:
-    """Refuse an oversized upload from its Content-Length, before reading it."""
-    if request.method == "POST" and request.url.path == "/v1/jobs":
-        limit = get_settings().max_upload_bytes
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
-            return error_response(
-                413, "payload_too_large", f"the request is {length} bytes; the limit is {limit}"
-            )
-    response: Response = await call_next(request)
-    return response
+def _body_limit(method: str, path: str) -> int | None:
+    """The most bytes a request to this route may send."""
+    if method in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        return None
+    s = get_settings()
+    if path == "/v1/jobs":
+        return s.max_upload_bytes
+    if path == "/v1/search/image":
+        return s.max_file_bytes + 64 * 1024  # the image and its multipart framing
+    return MAX_SMALL_BODY
 
 
-def _metadata(raw: str | None, limit: int) -> dict[str, Any]:
-    if raw is None or raw == "":
-        return {}
-    if len(raw.encode()) > limit:
-        raise InvalidInput(f"metadata is over {limit} bytes", code="invalid_metadata")
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidInput(f"metadata is not valid JSON: {exc}", code="invalid_metadata") from exc
-    if not isinstance(value, dict):
-        raise InvalidInput("metadata must be a JSON object", code="invalid_metadata")
-    return value
+app.add_middleware(BodyLimit, limit_for=_body_limit)
+instrument(app)
+install_cors(app, get_settings().cors_origins)  # last: it wraps everything else
 
 
-@app.post("/v1/jobs", status_code=202, dependencies=[Depends(require_write)])
+# The body is read by hand (streamed, limits checked as it comes); this documents it.
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "metadata": {"type": "string", "description": "a JSON object"},
+                },
+            }
+        }
+    },
+}
+
+
+@app.post(
+    "/v1/jobs",
+    status_code=202,
+    dependencies=[Depends(require_write), Depends(limit("uploads"))],
+    openapi_extra={"requestBody": UPLOAD_BODY},
+)
 async def create_job(request: Request) -> JSONResponse:
     """Accept images (or zip/tar archives of them) as one job; embedding happens later."""
     g = gw(request)
@@ -117,9 +144,19 @@ async def create_job(request: Request) -> JSONResponse:
         form = await request.form(
             max_files=s.max_files_per_job, max_fields=100, max_part_size=s.max_metadata_bytes + 1024
         )
-    except (MultiPartException, MultipartParseError) as exc:
-        code = "too_many_files" if "many files" in str(exc) else "bad_multipart"
-        raise InvalidInput(f"cannot read the upload: {exc}", code=code) from exc
+    except (MultiPartException, MultipartParseError, HTTPException) as exc:
+        # Starlette turns the parser's errors into a bare 400: give them their codes.
+        message = str(getattr(exc, "detail", exc))
+        if "many files" in message:
+            raise PayloadTooLarge(
+                f"a job holds at most {s.max_files_per_job} files", code="too_many_files"
+            ) from exc
+        if "maximum size" in message:
+            raise InvalidInput(
+                f"a form field is over {s.max_metadata_bytes} bytes (metadata is the only one)",
+                code="invalid_metadata",
+            ) from exc
+        raise InvalidInput(f"cannot read the upload: {message}", code="bad_multipart") from exc
     try:
         files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
         if not files:
@@ -127,7 +164,9 @@ async def create_job(request: Request) -> JSONResponse:
                 "no files: send images as repeated multipart 'files' fields", code="no_files"
             )
         raw_meta = form.get("metadata")
-        metadata = _metadata(raw_meta if isinstance(raw_meta, str) else None, s.max_metadata_bytes)
+        metadata = parse_metadata(
+            raw_meta if isinstance(raw_meta, str) else None, limit=s.max_metadata_bytes
+        )
 
         def read_all() -> list[tuple[str, bytes]]:
             out = []
@@ -152,10 +191,25 @@ async def create_job(request: Request) -> JSONResponse:
                 jobs=g.jobs,
                 celery=g.celery,
                 idempotency_key=request.headers.get("idempotency-key"),
+                idempotency_scope=_idempotency_scope(request),
             )
         )
     finally:
         await form.close()
+    if sub.replayed:
+        log.info("job %s returned again for its Idempotency-Key", sub.job_id)
+    else:
+        metrics.JOBS_CREATED.inc()
+        metrics.IMAGES_ACCEPTED.inc(sub.total - len(sub.rejected))
+        for r in sub.rejected:
+            metrics.IMAGES_REJECTED.labels(r.code).inc()
+        log.info(
+            "job %s created: %d images, %d rejected",
+            sub.job_id,
+            sub.total,
+            len(sub.rejected),
+            extra={"job_id": sub.job_id, "total": sub.total, "rejected": len(sub.rejected)},
+        )
     body: dict[str, Any] = {
         "job_id": sub.job_id,
         "status_url": f"/v1/jobs/{sub.job_id}",
@@ -164,7 +218,16 @@ async def create_job(request: Request) -> JSONResponse:
             {"filename": r.filename, "code": r.code, "detail": r.detail} for r in sub.rejected
         ],
     }
-    return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
+    headers = {"Location": body["status_url"]}
+    if sub.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body, status_code=202, headers=headers)
+
+
+def _idempotency_scope(request: Request) -> str:
+    """Idempotency keys are per API key (clients without one share a scope)."""
+    who = client_identity(request)
+    return who if who.startswith("key:") else ""
 
 
 @app.get("/v1/jobs", dependencies=[Depends(require_read)])
@@ -188,16 +251,15 @@ def cancel_job(request: Request, job_id: JobId) -> dict[str, Any]:
 
 
 @app.get("/v1/images/{image_id}", dependencies=[Depends(require_read)])
-def get_image(request: Request, image_id: ImageId) -> FileResponse:
+def get_image(request: Request, image_id: ImageId) -> Response:
     """The stored bytes of an image, with their content type."""
-    path = gw(request).blobs.path(image_id)
-    if not path.exists():
-        raise NotFound(f"no image {image_id}", code="image_not_found")
-    return FileResponse(
-        path,
-        media_type=_media_type(path),
-        headers={"Cache-Control": "public, max-age=31536000, immutable"},
-    )
+    blobs = gw(request).blobs
+    cache = {"Cache-Control": "public, max-age=31536000, immutable"}
+    path = blobs.local_path(image_id)
+    if path is None:  # no local file (S3, or missing: get() raises NotFound)
+        data = blobs.get(image_id)
+        return Response(data, media_type=_media_type(io.BytesIO(data)), headers=cache)
+    return FileResponse(path, media_type=_media_type(path), headers=cache)
 
 
 @app.get("/v1/images/{image_id}/thumbnail", dependencies=[Depends(require_read)])
@@ -230,9 +292,9 @@ def lookup_images(request: Request, body: ImageIds) -> dict[str, list[str]]:
     return {"indexed": [i for i in body.image_ids if i in owners]}
 
 
-def _media_type(path: Path) -> str:
+def _media_type(source: Path | io.BytesIO) -> str:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             return Image.MIME.get(image.format or "", "application/octet-stream")
     except (OSError, ValueError):
         return "application/octet-stream"
@@ -261,13 +323,13 @@ async def _proxy(request: Request, method: str, path: str, **kwargs: Any) -> Res
     )
 
 
-@app.get("/v1/search", dependencies=[Depends(require_read)])
+@app.get("/v1/search", dependencies=[Depends(require_read), Depends(limit("searches"))])
 async def search(request: Request) -> Response:
     """Text search, answered by the query service."""
     return await _proxy(request, "GET", "/v1/search", params=request.query_params)
 
 
-@app.post("/v1/search", dependencies=[Depends(require_read)])
+@app.post("/v1/search", dependencies=[Depends(require_read), Depends(limit("searches"))])
 async def search_post(request: Request) -> Response:
     """Text search with a JSON body, answered by the query service."""
     return await _proxy(
@@ -279,7 +341,7 @@ async def search_post(request: Request) -> Response:
     )
 
 
-@app.post("/v1/search/image", dependencies=[Depends(require_read)])
+@app.post("/v1/search/image", dependencies=[Depends(require_read), Depends(limit("searches"))])
 async def search_image(request: Request) -> Response:
     """Image-to-image search, answered by the query service."""
     return await _proxy(
@@ -299,6 +361,12 @@ def index() -> FileResponse:
 
 
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+@app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_read)])
+def prometheus_metrics() -> Response:
+    """Prometheus series: requests by route and status, latency, jobs, images, 429s."""
+    return metrics_response()
 
 
 @app.get("/healthz")

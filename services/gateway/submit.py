@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,8 +15,8 @@ from kombu.exceptions import OperationalError
 
 from services.gateway.ingest import Candidate, Limits, Rejection, clean_filename, expand
 from shared.blobs import BlobStore
-from shared.errors import PayloadTooLarge, Unavailable
-from shared.jobs import ItemResult, JobStore
+from shared.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from shared.jobs import PREFIX, ItemResult, JobStore
 from shared.tasks import BatchItem, enqueue_batch
 
 
@@ -25,6 +27,18 @@ class Submission:
     job_id: str
     total: int
     rejected: list[Rejection] = field(default_factory=list)
+    replayed: bool = False  # an earlier request with the same Idempotency-Key made it
+
+
+# Printable ASCII without spaces, as the IETF draft and Stripe's keys are; UUIDs fit.
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+class RequestInProgress(Conflict):
+    """The Idempotency-Key names a request that has not finished yet: retry shortly."""
+
+    code = "idempotency_key_in_progress"
+    headers = {"Retry-After": "1"}
 
 
 def submit_job(
@@ -38,14 +52,55 @@ def submit_job(
     jobs: JobStore,
     celery: Celery,
     idempotency_key: str | None = None,
+    idempotency_scope: str = "",
 ) -> Submission:
-    """Validate and store every image, record one job, enqueue its batches; embed nothing."""
+    """Validate and store every image, record one job, enqueue its batches; embed nothing.
+
+    With an `idempotency_key`, a repeat (in the same scope: the same API key) returns the
+    first request's job; a request that fails releases the key so that it can be retried.
+    """
     job_id = uuid.uuid4().hex
-    if idempotency_key:
-        earlier = jobs.claim_idempotency_key(idempotency_key, job_id)
+    if idempotency_key is not None:
+        if not IDEMPOTENCY_KEY.match(idempotency_key):
+            raise InvalidInput(
+                "Idempotency-Key must be 1 to 255 printable ASCII characters without spaces",
+                code="invalid_idempotency_key",
+            )
+        if idempotency_scope:
+            idempotency_key = f"{idempotency_scope}:{idempotency_key}"
+        earlier = _claim(jobs, idempotency_key, job_id)
         if earlier != job_id:
-            record = jobs.get(earlier)
-            return Submission(earlier, record["total"], [])
+            return _replay(jobs, earlier)
+    try:
+        return _submit(
+            job_id=job_id,
+            uploads=uploads,
+            metadata=metadata,
+            limits=limits,
+            max_items=max_items,
+            batch_size=batch_size,
+            blobs=blobs,
+            jobs=jobs,
+            celery=celery,
+        )
+    except BaseException:
+        if idempotency_key:
+            _release(jobs, idempotency_key, job_id)
+        raise
+
+
+def _submit(
+    *,
+    job_id: str,
+    uploads: Iterable[tuple[str, bytes]],
+    metadata: dict[str, Any],
+    limits: Limits,
+    max_items: int,
+    batch_size: int,
+    blobs: BlobStore,
+    jobs: JobStore,
+    celery: Celery,
+) -> Submission:
     items: list[BatchItem] = []
     counted: list[ItemResult] = []  # rejected and in-job duplicates, counted at once
     rejected: list[Rejection] = []
@@ -78,6 +133,33 @@ def submit_job(
     except (redis.RedisError, OperationalError) as exc:
         raise Unavailable(f"the job queue is unavailable: {exc}", code="queue_unavailable") from exc
     return Submission(job_id, n, rejected)
+
+
+def _claim(jobs: JobStore, key: str, job_id: str) -> str:
+    try:
+        return jobs.claim_idempotency_key(key, job_id)
+    except redis.RedisError as exc:
+        raise Unavailable(f"the job store is unavailable: {exc}", code="queue_unavailable") from exc
+
+
+def _replay(jobs: JobStore, job_id: str) -> Submission:
+    """The job an earlier request with the same key made, or 409 while that one still runs."""
+    try:
+        record = jobs.get(job_id)
+    except NotFound:
+        raise RequestInProgress(
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+            job_id=job_id,
+        ) from None
+    return Submission(job_id, record["total"], [], replayed=True)
+
+
+def _release(jobs: JobStore, key: str, job_id: str) -> None:
+    """Forget a key whose request failed, unless another request holds it by now."""
+    name = f"{PREFIX}:idem:{key}"  # JobStore.claim_idempotency_key's key
+    with contextlib.suppress(redis.RedisError):
+        if jobs.r.get(name) == job_id:
+            jobs.r.delete(name)
 
 
 def _store(blobs: BlobStore, found: Candidate) -> str:

@@ -11,19 +11,33 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from prometheus_client import Histogram
 from pydantic import BaseModel, Field, field_validator
 
+from services.gateway.ingest import dimension_problem
 from services.worker.decode import DecodeError, decode_image
+from shared import logs
 from shared.encoder import ClipEncoder
 from shared.errors import InvalidInput, Unavailable
-from shared.http import error_response, install_error_handlers
+from shared.http import error_response, install_cors, install_error_handlers
+from shared.metrics import LATENCY_BUCKETS, instrument, metrics_response
 from shared.settings import Settings, get_settings
 from shared.vectors import SearchFilters, VectorStore
 
 log = logging.getLogger(__name__)
+MAX_QUERY_CHARS = 100_000  # the model reads the first 77 tokens; the rest is dropped
+SEARCH_SECONDS = Histogram(
+    "clipsearch_search_seconds", "Searches, end to end, by kind", ["kind"], buckets=LATENCY_BUCKETS
+)
+STAGE_SECONDS = Histogram(
+    "clipsearch_search_stage_seconds",
+    "Time in each stage of a search: encode (the model), search (Milvus)",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
 
 
 class Filters(BaseModel):
@@ -36,7 +50,7 @@ class Filters(BaseModel):
 class SearchBody(BaseModel):
     """POST /v1/search."""
 
-    text: str
+    text: str = Field(max_length=MAX_QUERY_CHARS)
     k: int = Field(default=10, ge=1, le=200)
     min_score: float | None = Field(default=None, ge=-1.0, le=1.0)
     filters: Filters = Filters()
@@ -90,7 +104,8 @@ class Searcher:
         self, vector: np.ndarray, *, k: int, min_score: float | None, filters: SearchFilters
     ) -> list[dict[str, Any]]:
         self.vectors.ensure_collection(dim=self.model().dim)
-        hits = self.vectors.search(vector, k=k, filters=filters)
+        with STAGE_SECONDS.labels("search").time():
+            hits = self.vectors.search(vector, k=k, filters=filters)
         out = []
         for hit in hits:
             if min_score is not None and hit["score"] < min_score:
@@ -113,7 +128,8 @@ class Searcher:
         start = time.perf_counter()
         text = body.text.strip()
         self.model()
-        vector = self._text_cache(text)
+        with STAGE_SECONDS.labels("encode").time():
+            vector = self._text_cache(text)
         hits = self.search(
             vector,
             k=body.k,
@@ -122,14 +138,20 @@ class Searcher:
         )
         return self._answer(text, hits, start)
 
-    def _answer(self, query: str, hits: list[dict[str, Any]], start: float) -> dict[str, Any]:
-        took = round((time.perf_counter() - start) * 1000, 2)
+    def _answer(
+        self, query: str, hits: list[dict[str, Any]], start: float, *, kind: str = "text"
+    ) -> dict[str, Any]:
+        elapsed = time.perf_counter() - start
+        SEARCH_SECONDS.labels(kind).observe(elapsed)
+        took = round(elapsed * 1000, 2)
         return {"query": query, "took_ms": took, "model": self.settings.clip_model, "hits": hits}
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    searcher = Searcher(get_settings())
+    settings = get_settings()
+    logs.configure("query", fmt=settings.log_format, level=settings.log_level)
+    searcher = Searcher(settings)
     app.state.searcher = searcher
     # Load in the background so /healthz answers at once; /readyz waits for the model.
     task = asyncio.create_task(run_in_threadpool(searcher.load))
@@ -139,6 +161,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = FastAPI(title="clipsearch query", version="0.1.0", lifespan=lifespan)
 install_error_handlers(app)
+instrument(app)
+install_cors(app, get_settings().cors_origins)  # last: it wraps everything else
 
 
 def _searcher(request: Request) -> Searcher:
@@ -149,7 +173,7 @@ def _searcher(request: Request) -> Searcher:
 @app.get("/v1/search")
 def search_get(
     request: Request,
-    q: Annotated[str, Query(max_length=100_000)],
+    q: Annotated[str, Query(max_length=MAX_QUERY_CHARS)],
     k: Annotated[int, Query(ge=1, le=200)] = 10,
     min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
     job_id: Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")] = None,
@@ -186,9 +210,19 @@ def search_image(
         image = decode_image(data, max_pixels=settings.max_image_pixels)
     except DecodeError as exc:
         raise InvalidInput(exc.detail, code=exc.code) from exc
-    vector = searcher.model().encode_images([image])[0]
+    problem = dimension_problem(*image.size, max_pixels=settings.max_image_pixels)
+    if problem:
+        raise InvalidInput(problem, code="image_too_large")
+    with STAGE_SECONDS.labels("encode").time():
+        vector = searcher.model().encode_images([image])[0]
     hits = searcher.search(vector, k=k, min_score=min_score, filters=SearchFilters())
-    return searcher._answer(file.filename or "image", hits, start)
+    return searcher._answer(file.filename or "image", hits, start, kind="image")
+
+
+@app.get("/metrics", include_in_schema=False)
+def prometheus_metrics() -> Response:
+    """Prometheus series: requests by route and status, latency, search stages."""
+    return metrics_response()
 
 
 @app.get("/healthz")
