@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import torch
 from services.worker.decode import DecodeError, decode_sized
 from shared.blobs import BlobStore
 from shared.encoder import ClipEncoder
-from shared.errors import NotFound
+from shared.errors import NotFound, Unavailable
 from shared.jobs import FINAL_STATES, ItemResult, JobStore, Outcome
 from shared.tasks import BatchItem
 from shared.vectors import VectorStore
@@ -151,6 +152,9 @@ class Pipeline:
                 future.result()  # an outage raises here, before anything is counted
         with stages.time("record"):
             state = self.jobs.record(job_id, results)
+        if state in FINAL_STATES and indexed:
+            with stages.time("settle"), contextlib.suppress(Unavailable):
+                self.vectors.settle()  # this batch finished the job: seal its rows
         log.info(
             "job %s batch of %d: %d indexed, %d failed; %s",
             job_id,
