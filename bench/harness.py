@@ -96,7 +96,7 @@ class Table:
         self.rows.append(
             {
                 "measure": measure,
-                "value": round(value, 2),
+                "value": round(value, 4),
                 "unit": unit,
                 "baseline": baseline_name,
                 "baseline_value": round(baseline, 2) if baseline else None,

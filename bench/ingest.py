@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from PIL import Image
 from pymilvus import MilvusClient
 from transformers import AutoProcessor, CLIPModel
@@ -23,10 +22,13 @@ def model_only(model: Path, paths: list[Path], *, dtype: str, batch: int, reps: 
     images = [Image.open(p).convert("RGB") for p in paths[:batch]]
     pixels = encoder.preprocess(images)
     encoder.encode_pixels(pixels)  # warm-up
-    start = time.perf_counter()
+    encoder.encode_pixels(pixels)
+    best = float("inf")  # the fastest pass: the model's own speed, least disturbed
     for _ in range(reps):
+        start = time.perf_counter()
         encoder.encode_pixels(pixels)
-    return reps * batch / (time.perf_counter() - start)
+        best = min(best, time.perf_counter() - start)
+    return batch / best
 
 
 def tutorial_loop(model: Path, paths: list[Path], milvus_uri: str) -> float:
@@ -55,6 +57,8 @@ def run(table: Table, *, images: int, dtype: str, tutorial_images: int, ceiling:
     """Ingest ratios (targets 1 and 3 of the speed issue)."""
     model = vit_b32(ROOT / "models" / "vit-b32-random")
     photos = jpeg_set(ROOT / "photos", images)
+    reps = max(3, images // 128)
+    before = model_only(model, photos, dtype=dtype, batch=32, reps=reps)
     env = {
         "CLIP_MODEL": str(model),
         "CLIP_DTYPE": dtype,
@@ -71,9 +75,9 @@ def run(table: Table, *, images: int, dtype: str, tutorial_images: int, ceiling:
         assert job["done"] + job["duplicates"] == images, job
         e2e = images / job["seconds"]
         tutorial = tutorial_loop(model, photos[:tutorial_images], stack.settings.milvus_uri)
-    torch.set_num_threads(torch.get_num_threads())
-    reps = max(3, images // 128)
-    mo = model_only(model, photos, dtype=dtype, batch=32, reps=reps)
+    # Model-only is measured before and after the end-to-end run; the better figure is the
+    # baseline, so the ratio is never flattered by a slow moment.
+    mo = max(before, model_only(model, photos, dtype=dtype, batch=32, reps=reps))
     mo32 = (
         mo
         if dtype == "float32"
