@@ -28,6 +28,11 @@ def main() -> int:
         help="run only these parts (repeatable)",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="also measure queries on the real Milvus server (PyPI milvus)",
+    )
     args = parser.parse_args()
     parts = set(args.only or ["ingest", "ceiling", "precision", "query"])
     table = Table()

@@ -214,7 +214,12 @@ def test_many_workers_on_real_milvus_and_s3(sstack: Stack, s3_server: S3Server) 
     assert not (sstack.data / "blobs").exists()
 
     # Every worker did a real share; together, each image once (no batch was redone).
+    # A worker logs its batch just after counting it, so the last line may trail the job's end.
+    deadline = time.monotonic() + 15
     shares = indexed_per_worker(sstack, job_id)
+    while sum(shares.values()) < N and time.monotonic() < deadline:
+        time.sleep(0.2)
+        shares = indexed_per_worker(sstack, job_id)
     print(
         f"\nscale-out: {N} images, upload {t_upload:.1f}s, job {t_job:.1f}s, "
         f"{done_at_stop} done when worker3 had exited, indexed per worker {shares}"
