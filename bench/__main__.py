@@ -23,7 +23,7 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="the issue's full sizes")
     parser.add_argument(
         "--only",
-        choices=["ingest", "ceiling", "precision", "query"],
+        choices=["ingest", "ceiling", "precision", "query", "standalone"],
         action="append",
         help="run only these parts (repeatable)",
     )
@@ -59,6 +59,19 @@ def main() -> int:
             seconds=20 if full else 8,
             label="milvus-lite",
         )
+    if args.standalone or "standalone" in (args.only or []):
+        # The launcher the scale-out test uses: milvus-server from PyPI `milvus==2.3.5`.
+        from tests.integration.test_scale_out import running_milvus_standalone
+
+        with running_milvus_standalone(ROOT / "milvus-standalone") as uri:
+            query.run(
+                table,
+                vectors=100_000 if full else 20_000,
+                index="HNSW",
+                seconds=20 if full else 8,
+                label="milvus-standalone",
+                milvus_uri=uri,
+            )
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "full": full,

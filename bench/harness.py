@@ -34,10 +34,13 @@ def private_stack(name: str, **env: str) -> Iterator[Stack]:
         "DATA_DIR": str(data),
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         "MILVUS_URI": f"http://127.0.0.1:{free_port()}",
-        "MILVUS_COLLECTION": f"bench_{name}",
+        "MILVUS_COLLECTION": "bench_" + name.replace("-", "_"),
         "GATEWAY_PORT": str(free_port()),
         "QUERY_PORT": str(free_port()),
         "HF_HUB_OFFLINE": "1",
+        # Measure the system, not the per-client rate limits (bench/load.py does the same).
+        "RATE_LIMIT_UPLOADS": "",
+        "RATE_LIMIT_SEARCHES": "",
         **env,
     }
     saved = dict(os.environ)

@@ -97,9 +97,16 @@ class VectorStore:
     """One Milvus collection keyed by image_id (SHA-256 hex), COSINE on normalised vectors."""
 
     def __init__(
-        self, *, uri: str, token: str | None, collection: str, index: str = "FLAT"
+        self,
+        *,
+        uri: str,
+        token: str | None,
+        collection: str,
+        index: str = "FLAT",
+        consistency: str = "Strong",
     ) -> None:
         self.uri, self.token, self.collection, self.index = uri, token, collection, index
+        self.consistency = consistency
         self._client: MilvusClient | None = None
         self._lock = threading.Lock()
         self._ready_dim: int | None = None
@@ -215,7 +222,7 @@ class VectorStore:
             filter=expr,
             output_fields=OUTPUT_FIELDS,
             search_params=search_params,
-            consistency_level="Strong",
+            consistency_level=self.consistency,
             timeout=CALL_TIMEOUT_S,
         )
         hits = []

@@ -75,6 +75,7 @@ class Searcher:
             token=token,
             collection=settings.milvus_collection,
             index=settings.milvus_index,
+            consistency=settings.milvus_search_consistency,
         )
         self.load_error: str | None = None
         self._text_cache = lru_cache(maxsize=1024)(self._encode_text)
