@@ -30,23 +30,24 @@ def photo_like(seed: int, *, size: tuple[int, int] = (500, 375)) -> bytes:
     return out.getvalue()
 
 
-def jpeg_set(folder: Path, n: int) -> list[Path]:
-    """n photo-like JPEGs in `folder` (made once, reused)."""
+def jpeg_set(folder: Path, n: int, *, first_seed: int = 0) -> list[Path]:
+    """n photo-like JPEGs in `folder` (made once, reused); seeds from `first_seed`."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"photo{i:06d}.jpg" for i in range(n)]
+    paths = [folder / f"photo{first_seed + i:06d}.jpg" for i in range(n)]
     for i, path in enumerate(paths):
         if not path.exists():
-            path.write_bytes(photo_like(i))
+            path.write_bytes(photo_like(first_seed + i))
     return paths
 
 
-def tiny_png_set(folder: Path, n: int) -> list[Path]:
+def tiny_png_set(folder: Path, n: int, *, first_seed: int = 0) -> list[Path]:
     """n distinct 32x32 PNGs (the pipeline-ceiling load: decoding and the model cost ~0)."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"t{i:06d}.png" for i in range(n)]
+    paths = [folder / f"t{first_seed + i:06d}.png" for i in range(n)]
     for i, path in enumerate(paths):
         if not path.exists():
-            rgb = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            seed = first_seed + i
+            rgb = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(rgb).save(path, "PNG")
     return paths
 

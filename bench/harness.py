@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -26,9 +27,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def private_stack(name: str, **env: str) -> Iterator[Stack]:
+def private_stack(name: str, env: dict[str, str], *, fresh: bool = True) -> Iterator[Stack]:
     """A whole stack (own Redis, Milvus Lite server, ports, data) for one benchmark."""
     data = ROOT / "stacks" / name
+    if fresh:  # an earlier run's rows would turn this run's images into duplicates
+        shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True, exist_ok=True)
     settings = {
         "DATA_DIR": str(data),

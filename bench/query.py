@@ -98,7 +98,7 @@ def run(
     env = {"CLIP_MODEL": str(model), "CLIP_DEVICE": "cpu", "MILVUS_INDEX": index}
     if milvus_uri:
         env["MILVUS_URI"] = milvus_uri
-    with private_stack(f"query-{label}", **env) as stack:
+    with private_stack(f"query-{label}", env, fresh=False) as stack:  # reuses its vectors
         store = VectorStore(
             uri=stack.settings.milvus_uri,
             token=None,
