@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     # Access, rate limits and observability
     cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated; "*" allows any
     # Per API key (or client IP without one), shared through Redis; "" or "0" disables.
-    rate_limit_uploads: str = "60/minute"
-    rate_limit_searches: str = "600/minute"
+    # Generous enough for a script that uploads one image per request in a loop.
+    rate_limit_uploads: str = "3000/minute"
+    rate_limit_searches: str = "6000/minute"
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: no worker /metrics
