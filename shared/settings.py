@@ -20,9 +20,11 @@ class Settings(BaseSettings):
     milvus_token: SecretStr | None = None
     milvus_collection: str = "clipsearch_images"
     milvus_index: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = "FLAT"
-    # Strong: a finished job's images are searchable at once (standalone Milvus then waits
-    # for its time tick, ~0.4 s a query here); Bounded trades that for latency.
-    milvus_search_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
+    # Session: a search sees every write that workers and the gateway recorded before it
+    # (shared/freshness.py), and waits for Milvus only while such a write is in flight.
+    # Strong waits for standalone Milvus's time tick on every search (~0.4 s here); Bounded
+    # and Eventually may miss the last seconds of writes.
+    milvus_search_consistency: Literal["Session", "Strong", "Bounded", "Eventually"] = "Session"
     clip_model: str = "openai/clip-vit-base-patch32"
     clip_device: Literal["auto", "cpu", "cuda"] = "auto"
     clip_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -11,7 +11,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 import numpy as np
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import DataType, MilvusClient, MilvusException, mkts_from_unixtime
 
 from shared.errors import Unavailable
 
@@ -20,6 +20,9 @@ OUTPUT_FIELDS = ["filename", "job_id", "created_at", "width", "height", "metadat
 HNSW_BUILD = {"M": 16, "efConstruction": 200}
 HNSW_SEARCH_EF = 128
 CALL_TIMEOUT_S = 10.0
+# Session searches ask for a view this much newer than the last recorded write, for clocks
+# that differ a little between the writer's host and Milvus's.
+CLOCK_SKEW_S = 0.05
 # pymilvus pings every 10 s even when idle; gRPC servers with default enforcement (Milvus
 # Lite's) answer that with GOAWAY "too_many_pings" and the next call fails. Ping only
 # during calls, no more often than the default server policy allows.
@@ -103,7 +106,7 @@ class VectorStore:
         token: str | None,
         collection: str,
         index: str = "FLAT",
-        consistency: str = "Strong",
+        consistency: str = "Session",
     ) -> None:
         self.uri, self.token, self.collection, self.index = uri, token, collection, index
         self.consistency = consistency
@@ -206,11 +209,32 @@ class VectorStore:
         )
         return {row["image_id"]: row["job_id"] for row in rows}
 
+    def read_level(self, written_at: float | None) -> dict[str, Any]:
+        """Consistency arguments for a read that must see every write made before `written_at`.
+
+        Session (the default): a guarantee timestamp just after the last recorded write, so
+        Milvus waits only while that write is still in flight; unknown (None) reads Strong.
+        """
+        if self.consistency != "Session":
+            return {"consistency_level": self.consistency}
+        if written_at is None:
+            return {"consistency_level": "Strong"}
+        return {
+            "consistency_level": "Customized",
+            "guarantee_timestamp": mkts_from_unixtime(written_at + CLOCK_SKEW_S),
+        }
+
     @_unavailable
     def search(
-        self, vector: np.ndarray, *, k: int, filters: SearchFilters | None = None
+        self,
+        vector: np.ndarray,
+        *,
+        k: int,
+        filters: SearchFilters | None = None,
+        written_at: float | None = None,
     ) -> list[dict[str, Any]]:
-        """The k nearest images by cosine similarity, best first."""
+        """The k nearest images by cosine similarity, best first, seeing every write made
+        before `written_at` (see `read_level`)."""
         expr = (filters or SearchFilters()).expression()
         search_params: dict[str, Any] = {}
         if self.index == "HNSW":
@@ -222,8 +246,8 @@ class VectorStore:
             filter=expr,
             output_fields=OUTPUT_FIELDS,
             search_params=search_params,
-            consistency_level=self.consistency,
             timeout=CALL_TIMEOUT_S,
+            **self.read_level(written_at),
         )
         hits = []
         for hit in result[0]:

@@ -32,6 +32,7 @@ from services.gateway.submit import submit_job
 from shared import logs
 from shared.blobs import make_blob_store
 from shared.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from shared.freshness import WriteMarks
 from shared.http import error_response, install_cors, install_error_handlers
 from shared.jobs import JobStore
 from shared.metrics import instrument, metrics_response
@@ -51,6 +52,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.jobs = JobStore.from_url(settings.redis_url)
+        self.writes = WriteMarks(self.jobs.r, settings.milvus_collection)
         self.blobs = make_blob_store(settings)
         self.celery = make_celery(settings)
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
@@ -305,6 +307,8 @@ def delete_image(request: Request, image_id: ImageId) -> dict[str, Any]:
     """Remove an image's vector and bytes."""
     g = gw(request)
     removed = g.vectors.delete(image_id) if g.vectors.exists() else 0
+    if removed:
+        g.writes.mark()  # searches from now on must not return it
     had_blob = g.blobs.delete(image_id)
     if not removed and not had_blob:
         raise NotFound(f"no image {image_id}", code="image_not_found")

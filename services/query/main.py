@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,10 +19,12 @@ from prometheus_client import Histogram
 from pydantic import BaseModel, Field, field_validator
 
 from services.gateway.ingest import dimension_problem
+from services.query.batching import TextBatcher
 from services.worker.decode import DecodeError, decode_image
 from shared import logs
 from shared.encoder import ClipEncoder
 from shared.errors import InvalidInput, Unavailable
+from shared.freshness import WriteMarks
 from shared.http import error_response, install_cors, install_error_handlers
 from shared.metrics import LATENCY_BUCKETS, instrument, metrics_response
 from shared.settings import Settings, get_settings
@@ -77,7 +80,9 @@ class Searcher:
             index=settings.milvus_index,
             consistency=settings.milvus_search_consistency,
         )
+        self.writes = WriteMarks.from_url(settings.redis_url, settings.milvus_collection)
         self.load_error: str | None = None
+        self.batcher: TextBatcher | None = None
         self._text_cache = lru_cache(maxsize=1024)(self._encode_text)
 
     def load(self) -> None:
@@ -88,11 +93,17 @@ class Searcher:
             self.load_error = str(exc)
             log.exception("model load failed")
             return
+        self.batcher = TextBatcher(encoder.encode_texts)
         self.encoder = encoder
 
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
     def _encode_text(self, text: str) -> np.ndarray:
-        vector: np.ndarray = self.model().encode_texts([text])[0]
-        return vector
+        self.model()
+        assert self.batcher is not None  # set before the encoder
+        return self.batcher.encode_one(text)
 
     def model(self) -> ClipEncoder:
         if self.encoder is None:
@@ -106,7 +117,14 @@ class Searcher:
     ) -> list[dict[str, Any]]:
         self.vectors.ensure_collection(dim=self.model().dim)
         with STAGE_SECONDS.labels("search").time():
-            hits = self.vectors.search(vector, k=k, filters=filters)
+            written = self.writes.last()
+            before = time.time()
+            hits = self.vectors.search(vector, k=k, filters=filters, written_at=written)
+        if written is None and self.vectors.consistency == "Session":
+            # Nothing recorded (a new Redis, say): that strong search saw every write made
+            # before it started, so later searches need see no further back than that.
+            with contextlib.suppress(Exception):
+                self.writes.mark(before)
         out = []
         for hit in hits:
             if min_score is not None and hit["score"] < min_score:
@@ -158,6 +176,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     task = asyncio.create_task(run_in_threadpool(searcher.load))
     yield
     await task
+    searcher.close()
 
 
 app = FastAPI(title="clipsearch query", version="0.1.0", lifespan=lifespan)

@@ -17,6 +17,7 @@ from services.worker.pipeline import Pipeline
 from shared.blobs import make_blob_store
 from shared.encoder import ClipEncoder
 from shared.errors import Unavailable
+from shared.freshness import WriteMarks
 from shared.settings import get_settings
 from shared.tasks import EMBED_TASK, BatchItem, make_celery
 from shared.vectors import VectorStore
@@ -43,6 +44,7 @@ def get_pipeline() -> Pipeline:
         settings = get_settings()
         encoder = ClipEncoder.from_settings(settings)
         encoder.warmup()
+        jobs = metrics.MeteredJobStore.from_url(settings.redis_url)
         _pipeline = Pipeline(
             encoder=encoder,
             vectors=VectorStore(
@@ -52,7 +54,8 @@ def get_pipeline() -> Pipeline:
                 index=settings.milvus_index,
             ),
             blobs=make_blob_store(settings),
-            jobs=metrics.MeteredJobStore.from_url(settings.redis_url),
+            jobs=jobs,
+            writes=WriteMarks(jobs.r, settings.milvus_collection),
             max_pixels=settings.max_image_pixels,
             pool=ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)),
             io=ThreadPoolExecutor(max_workers=1),

@@ -17,6 +17,7 @@ from services.worker.decode import DecodeError, decode_sized
 from shared.blobs import BlobStore
 from shared.encoder import ClipEncoder
 from shared.errors import NotFound, Unavailable
+from shared.freshness import WriteMarks
 from shared.jobs import FINAL_STATES, ItemResult, JobStore, Outcome
 from shared.tasks import BatchItem
 from shared.vectors import VectorStore
@@ -78,6 +79,7 @@ class Pipeline:
     max_pixels: int
     pool: ThreadPoolExecutor
     io: ThreadPoolExecutor
+    writes: WriteMarks | None = None  # when each write returned, for read-your-writes searches
     forward_batch: int = 32
     draft: int | None = None  # decode large JPEGs at reduced scale, short side >= this
 
@@ -150,6 +152,8 @@ class Pipeline:
         with stages.time("upsert_wait"):
             for future in upserts:
                 future.result()  # an outage raises here, before anything is counted
+            if upserts and self.writes is not None:
+                self.writes.mark()  # before the count: a finished job is searchable at once
         with stages.time("record"):
             state = self.jobs.record(job_id, results)
         if state in FINAL_STATES and indexed:
