@@ -30,10 +30,26 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def fast_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), as Linux reports it.
+
+    Elsewhere bfloat16 is emulated and slower than float32.
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """CLIP_DTYPE resolved: auto is float16 on CUDA and float32 on CPU (exact answers)."""
+    """CLIP_DTYPE resolved: auto is float16 on CUDA, bfloat16 on CPUs that compute it
+    natively (about 3.5x faster here; see BENCHMARKS.md for what it changes), else float32."""
     if requested == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if fast_bfloat16() else torch.float32
     return _DTYPES[requested]
 
 

@@ -40,6 +40,9 @@ def stack_settings(data: Path, model: Path, **extra: str) -> dict[str, str]:
         "QUERY_PORT": str(free_port()),
         "CLIP_MODEL": str(model),
         "CLIP_DEVICE": "cpu",
+        # Exact answers: the tests compare searches with float32 brute force. (auto would be
+        # bfloat16 on CPUs with AVX512-BF16; the bench measures what that changes.)
+        "CLIP_DTYPE": "float32",
         "EMBED_BATCH_SIZE": "16",
         "HF_HUB_OFFLINE": "1",
         # Many modules share one stack from one address; test_access.py tests the limits.

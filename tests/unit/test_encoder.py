@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.encoder import ClipEncoder, pick_dtype
+import shared.encoder as encoder_module
+from shared.encoder import ClipEncoder, fast_bfloat16, pick_dtype
 from shared.errors import ModelLoadError
 from tests.images import make_image
 
@@ -51,9 +52,31 @@ def test_missing_model_names_the_model_and_the_fix(tmp_path: Path) -> None:
     assert "no-such-model" in err.value.detail and "CLIP_MODEL" in err.value.detail
 
 
-def test_auto_dtype_is_exact_on_cpu() -> None:
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n")
+    avx = tmp_path / "avx"
+    avx.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n")
+    old = tmp_path / "old"
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\nbugs\t: avx512_bf16\n")
+    assert fast_bfloat16(amx) and fast_bfloat16(avx)
+    assert not fast_bfloat16(old) and not fast_bfloat16(tmp_path / "missing")
+    monkeypatch.setattr(encoder_module, "fast_bfloat16", lambda: False)
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(encoder_module, "fast_bfloat16", lambda: True)
+    assert pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert pick_dtype("auto", torch.device("cuda")) == torch.float16
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_padded_batch_of_texts_equals_one_at_a_time(encoder: ClipEncoder) -> None:
+    # The query service batches concurrent queries: padding must not change any vector.
+    texts = ["a dog", "two cats sleeping on a red sofa in the sun", "x", "a dog"]
+    batch = encoder.encode_texts(texts)
+    single = np.stack([encoder.encode_texts([t])[0] for t in texts])
+    assert np.allclose(batch, single, atol=1e-5)
 
 
 def test_blank_image_encodes(encoder: ClipEncoder) -> None:
