@@ -23,7 +23,7 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="the issue's full sizes")
     parser.add_argument(
         "--only",
-        choices=["ingest", "ceiling", "precision", "query", "standalone"],
+        choices=["ingest", "ceiling", "precision", "query", "standalone", "scale"],
         action="append",
         help="run only these parts (repeatable)",
     )
@@ -72,6 +72,10 @@ def main() -> int:
                 label="milvus-standalone",
                 milvus_uri=uri,
             )
+    if "scale" in (args.only or []):
+        from bench import scale
+
+        scale.run(table, vectors=1_000_000 if full else 200_000)
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "full": full,

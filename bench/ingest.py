@@ -97,6 +97,7 @@ def run(table: Table, *, images: int, dtype: str, tutorial_images: int, ceiling:
         target=">= 0.7x",
         ok=e2e >= 0.7 * mo,
     )
+    table.add("of which: upload until the 202 answer", job["accepted_seconds"], "s")
     table.add(f"tutorial loop ({tutorial_images} images, float32, autograd)", tutorial, "img/s")
     table.add(
         "ingest end to end vs tutorial loop",

@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     milvus_uri: str = "http://127.0.0.1:19530"
     milvus_token: SecretStr | None = None
     milvus_collection: str = "clipsearch_images"
-    milvus_index: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = "FLAT"
+    # HNSW: recall@10 near exact at a fraction of brute force's cost (BENCHMARKS.md); FLAT is
+    # exact. Applies when the collection is created.
+    milvus_index: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = "HNSW"
     # Session: a search sees every write that workers and the gateway recorded before it
     # (shared/freshness.py), and waits for Milvus only while such a write is in flight.
     # Strong waits for standalone Milvus's time tick on every search (~0.4 s here); Bounded

@@ -81,6 +81,7 @@ class Pipeline:
     io: ThreadPoolExecutor
     writes: WriteMarks | None = None  # when each write returned, for read-your-writes searches
     forward_batch: int = 32
+    first_batch: int = 8
     draft: int | None = None  # decode large JPEGs at reduced scale, short side >= this
 
     def _load(self, item: BatchItem) -> tuple[BatchItem, Prepared | DecodeError]:
@@ -133,6 +134,7 @@ class Pipeline:
             indexed += len(chunk)
             chunk.clear()
 
+        first = min(self.first_batch, self.forward_batch)
         loaded = self.pool.map(self._load, todo)
         while True:
             with stages.time("decode_wait"):
@@ -146,7 +148,9 @@ class Pipeline:
                 )
                 continue
             chunk.append((it, prepared))
-            if len(chunk) >= self.forward_batch:
+            # The first pass of a batch starts small, as soon as a few images are ready, so
+            # the model is not idle while the pool decodes a whole forward batch.
+            if len(chunk) >= (self.forward_batch if indexed else first):
                 flush()
         flush()
         with stages.time("upsert_wait"):
