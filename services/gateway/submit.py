@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +15,14 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from services.gateway.ingest import Candidate, Limits, Rejection, clean_filename, expand
+from services.gateway.ingest import (
+    Candidate,
+    Limits,
+    Rejection,
+    clean_filename,
+    expand,
+    is_archive,
+)
 from shared.blobs import BlobStore
 from shared.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
 from shared.jobs import PREFIX, ItemResult, JobStore
@@ -29,6 +38,9 @@ class Submission:
     rejected: list[Rejection] = field(default_factory=list)
     replayed: bool = False  # an earlier request with the same Idempotency-Key made it
 
+
+_PUT_THREADS = 8
+_PUTS = ThreadPoolExecutor(_PUT_THREADS, thread_name_prefix="blob-put")
 
 # Printable ASCII without spaces, as the IETF draft and Stripe's keys are; UUIDs fit.
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -101,38 +113,89 @@ def _submit(
     jobs: JobStore,
     celery: Celery,
 ) -> Submission:
+    uploads = list(uploads)
+    # Without archives the job's size is known before anything is read: the job is recorded
+    # first and each batch is enqueued as soon as its images are stored, so the workers start
+    # while the rest of the upload is still being stored. Archives are expanded and checked
+    # whole first (an archive over the limits must leave no job behind).
+    streaming = not any(is_archive(clean_filename(name), data) for name, data in uploads)
+    if streaming:
+        if len(uploads) > max_items:
+            raise PayloadTooLarge(f"a job holds at most {max_items} images", code="too_many_files")
+        _queue_errors(lambda: jobs.create(total=len(uploads), job_id=job_id))
     items: list[BatchItem] = []
     counted: list[ItemResult] = []  # rejected and in-job duplicates, counted at once
     rejected: list[Rejection] = []
     seen: set[str] = set()
+    sent = 0  # items already enqueued
     n = 0
-    for raw_name, data in uploads:
-        for found in expand(clean_filename(raw_name), data, limits):
-            n += 1
-            if n > max_items:
-                raise PayloadTooLarge(
-                    f"a job holds at most {max_items} images", code="too_many_files"
-                )
-            key = f"i{n}"
-            if isinstance(found, Rejection):
-                rejected.append(found)
-                counted.append(ItemResult(key, "failed", found.filename, found.code, found.detail))
-                continue
-            image_id = _store(blobs, found)
+
+    def send(upto: int) -> None:
+        nonlocal sent
+        for start in range(sent, upto, batch_size):
+            batch = items[start : min(start + batch_size, upto)]
+            try:
+                enqueue_batch(celery, job_id=job_id, items=batch, metadata=metadata)
+            except (redis.RedisError, OperationalError) as exc:
+                raise Unavailable(
+                    f"the job queue is unavailable: {exc}", code="queue_unavailable"
+                ) from exc
+        sent = upto
+
+    # Blobs are written by a few threads (each put ends with an fsync), in upload order.
+    window: deque[tuple[str, Candidate, Future[str]]] = deque()
+
+    def settle(keep: int) -> None:
+        while len(window) > keep:
+            key, found, stored = window.popleft()
+            image_id = stored.result()
             if image_id in seen:
                 counted.append(ItemResult(key, "duplicates", found.filename))
                 continue
             seen.add(image_id)
             items.append({"key": key, "image_id": image_id, "filename": found.filename})
+            if streaming and len(items) - sent >= batch_size:
+                send(sent + batch_size)
+
     try:
-        jobs.create(total=n, rejected=counted, job_id=job_id)
-        for start in range(0, len(items), batch_size):
-            enqueue_batch(
-                celery, job_id=job_id, items=items[start : start + batch_size], metadata=metadata
-            )
+        for raw_name, data in uploads:
+            for found in expand(clean_filename(raw_name), data, limits):
+                n += 1
+                if n > max_items:
+                    raise PayloadTooLarge(
+                        f"a job holds at most {max_items} images", code="too_many_files"
+                    )
+                key = f"i{n}"
+                if isinstance(found, Rejection):
+                    rejected.append(found)
+                    counted.append(
+                        ItemResult(key, "failed", found.filename, found.code, found.detail)
+                    )
+                    continue
+                window.append((key, found, _PUTS.submit(_store, blobs, found)))
+                settle(keep=_PUT_THREADS * 2)
+        settle(keep=0)
+        if streaming:
+            send(len(items))
+            _queue_errors(lambda: jobs.record(job_id, counted))
+        else:
+            _queue_errors(lambda: jobs.create(total=n, rejected=counted, job_id=job_id))
+            send(len(items))
+    except BaseException:
+        for _, _, stored in window:
+            stored.cancel()
+        if streaming:  # batches may be out already: they will be skipped, the job says why
+            with contextlib.suppress(Exception):
+                jobs.cancel(job_id)
+        raise
+    return Submission(job_id, n, rejected)
+
+
+def _queue_errors(call: Callable[[], object]) -> None:
+    try:
+        call()
     except (redis.RedisError, OperationalError) as exc:
         raise Unavailable(f"the job queue is unavailable: {exc}", code="queue_unavailable") from exc
-    return Submission(job_id, n, rejected)
 
 
 def _claim(jobs: JobStore, key: str, job_id: str) -> str:
