@@ -1,9 +1,12 @@
-"""Concurrent text queries coalesced into one forward pass.
+"""One thread for every forward pass of the query process; concurrent text queries share one.
 
-On a CPU the text tower is bound by reading its weights (~150 MB in float32 for ViT-B/32),
-not by arithmetic: one query costs about as much as eight. One thread runs the model; each
-pass takes every query waiting at that moment, so a lone query never waits for company and
-a crowd shares the weight reads.
+Two measured reasons, on a 2-core CPU:
+- The text tower is bound by reading its weights (~75 MB in bfloat16 for ViT-B/32), not by
+  arithmetic: eight queries in one pass cost little more than one. Each pass takes every
+  text waiting at that moment, so a lone query never waits for company.
+- torch's OpenMP threads belong to the thread that calls into torch. Passes run from several
+  threads (the web server's pool) keep several thread teams spinning against each other: a
+  query took 12-16 ms that way against 7 ms from a single thread.
 """
 
 from __future__ import annotations
@@ -13,64 +16,80 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_STOP = object()
 
 
-class TextBatcher:
-    """Runs `encode` over batches of the texts that callers of `encode_one` are waiting on."""
+class ModelRunner:
+    """Runs callables and batched text encodes on one long-lived thread, in arrival order."""
 
-    def __init__(
-        self, encode: Callable[[Sequence[str]], np.ndarray], *, max_batch: int = 32
-    ) -> None:
-        self._encode = encode
+    def __init__(self, *, max_batch: int = 32) -> None:
+        self.encode_texts: Callable[[Sequence[str]], np.ndarray] | None = None
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[str, Future[np.ndarray]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="text-batcher", daemon=True)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
-        self.batches = 0  # forward passes run, for tests and metrics
+        self.batches = 0  # text passes run, for tests and metrics
         self.largest = 0
 
-    def encode_one(self, text: str, *, timeout_s: float = 60.0) -> np.ndarray:
-        """The unit vector for one text, computed with whatever else is waiting."""
+    def call(self, fn: Callable[[], T], *, timeout_s: float | None = None) -> T:
+        """fn() run on the model thread; its result or its exception."""
+        future: Future[T] = Future()
+        self._queue.put(("call", fn, future))
+        return future.result(timeout=timeout_s)
+
+    def encode_text(self, text: str, *, timeout_s: float = 60.0) -> np.ndarray:
+        """The unit vector for one text, computed together with whatever else is waiting."""
+        if self.encode_texts is None:
+            raise RuntimeError("no text encoder yet")
         future: Future[np.ndarray] = Future()
-        self._queue.put((text, future))
+        self._queue.put(("text", text, future))
         return future.result(timeout=timeout_s)
 
     def close(self) -> None:
-        """Stop the model thread after the queries already waiting."""
-        self._queue.put(None)
+        """Stop after the work already queued."""
+        self._queue.put(_STOP)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        later: list[Any] = []  # calls met while gathering texts, run after that pass
         while True:
-            first = self._queue.get()
-            if first is None:
+            item = later.pop(0) if later else self._queue.get()
+            if item is _STOP:
                 return
-            batch = [first]
-            stop = False
-            while len(batch) < self._max_batch:
+            if item[0] == "call":
+                _, fn, future = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                continue
+            texts = [item]
+            while len(texts) < self._max_batch and not later:
                 try:
-                    item = self._queue.get_nowait()
+                    nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._pass(batch)
-            if stop:
-                return
+                if nxt is not _STOP and nxt[0] == "text":
+                    texts.append(nxt)
+                else:
+                    later.append(nxt)
+            self._text_pass(texts)
 
-    def _pass(self, batch: list[tuple[str, Future[np.ndarray]]]) -> None:
-        live = [(text, fut) for text, fut in batch if fut.set_running_or_notify_cancel()]
+    def _text_pass(self, batch: list[tuple[str, str, Future[np.ndarray]]]) -> None:
+        live = [(text, fut) for _, text, fut in batch if fut.set_running_or_notify_cancel()]
         if not live:
             return
         unique = list(dict.fromkeys(text for text, _ in live))
         try:
-            vectors = self._encode(unique)
+            assert self.encode_texts is not None
+            vectors = self.encode_texts(unique)
         except Exception as exc:  # every waiting caller gets the error, the thread lives on
             log.exception("text batch of %d failed", len(unique))
             for _, fut in live:

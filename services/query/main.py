@@ -19,7 +19,7 @@ from prometheus_client import Histogram
 from pydantic import BaseModel, Field, field_validator
 
 from services.gateway.ingest import dimension_problem
-from services.query.batching import TextBatcher
+from services.query.batching import ModelRunner
 from services.worker.decode import DecodeError, decode_image
 from shared import logs
 from shared.encoder import ClipEncoder
@@ -82,28 +82,30 @@ class Searcher:
         )
         self.writes = WriteMarks.from_url(settings.redis_url, settings.milvus_collection)
         self.load_error: str | None = None
-        self.batcher: TextBatcher | None = None
+        self.runner = ModelRunner()  # every forward pass of this process runs on its thread
         self._text_cache = lru_cache(maxsize=1024)(self._encode_text)
 
     def load(self) -> None:
-        try:
+        def build() -> ClipEncoder:
             encoder = ClipEncoder.from_settings(self.settings)
             encoder.warmup()
+            return encoder
+
+        try:
+            encoder = self.runner.call(build)
         except Exception as exc:
             self.load_error = str(exc)
             log.exception("model load failed")
             return
-        self.batcher = TextBatcher(encoder.encode_texts)
+        self.runner.encode_texts = encoder.encode_texts
         self.encoder = encoder
 
     def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        self.runner.close()
 
     def _encode_text(self, text: str) -> np.ndarray:
         self.model()
-        assert self.batcher is not None  # set before the encoder
-        return self.batcher.encode_one(text)
+        return self.runner.encode_text(text)
 
     def model(self) -> ClipEncoder:
         if self.encoder is None:
@@ -234,7 +236,8 @@ def search_image(
     if problem:
         raise InvalidInput(problem, code="image_too_large")
     with STAGE_SECONDS.labels("encode").time():
-        vector = searcher.model().encode_images([image])[0]
+        encoder = searcher.model()
+        vector = searcher.runner.call(lambda: encoder.encode_images([image]))[0]
     hits = searcher.search(vector, k=k, min_score=min_score, filters=SearchFilters())
     return searcher._answer(file.filename or "image", hits, start, kind="image")
 

@@ -1,4 +1,5 @@
-"""Concurrent text queries share forward passes; each caller still gets its own vector."""
+"""The model thread: concurrent text queries share forward passes, each caller still gets
+its own vector, and other calls run on the same thread in turn."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from services.query.batching import TextBatcher
+from services.query.batching import ModelRunner
 
 
 def fake_vectors(texts: Sequence[str]) -> np.ndarray:
@@ -32,14 +33,20 @@ class Gated:
         return fake_vectors(texts)
 
 
+def runner(encode: object, **kw: int) -> ModelRunner:
+    r = ModelRunner(**kw)
+    r.encode_texts = encode  # type: ignore[assignment]
+    return r
+
+
 def test_waiting_queries_share_one_pass_and_get_their_own_vectors() -> None:
     model = Gated()
-    batcher = TextBatcher(model, max_batch=32)
+    batcher = runner(model, max_batch=32)
     texts = [f"query number {i}" for i in range(6)] + ["query number 2"]
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(batcher.encode_one, "the first")
+        first = pool.submit(batcher.encode_text, "the first")
         assert model.entered.wait(10)
-        rest = [pool.submit(batcher.encode_one, t) for t in texts]
+        rest = [pool.submit(batcher.encode_text, t) for t in texts]
         while batcher._queue.qsize() < len(texts):  # all queued behind the running pass
             threading.Event().wait(0.01)
         model.release.set()
@@ -53,20 +60,20 @@ def test_waiting_queries_share_one_pass_and_get_their_own_vectors() -> None:
 
 
 def test_a_lone_query_does_not_wait_for_company() -> None:
-    batcher = TextBatcher(fake_vectors)
+    batcher = runner(fake_vectors)
     for i in range(3):
-        assert batcher.encode_one(f"t{i}", timeout_s=5)[0] == 2
+        assert batcher.encode_text(f"t{i}", timeout_s=5)[0] == 2
     assert batcher.batches == 3 and batcher.largest == 1
     batcher.close()
 
 
 def test_batches_are_capped() -> None:
     model = Gated()
-    batcher = TextBatcher(model, max_batch=3)
+    batcher = runner(model, max_batch=3)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(batcher.encode_one, "first")
+        first = pool.submit(batcher.encode_text, "first")
         assert model.entered.wait(10)
-        rest = [pool.submit(batcher.encode_one, f"t{i}") for i in range(7)]
+        rest = [pool.submit(batcher.encode_text, f"t{i}") for i in range(7)]
         while batcher._queue.qsize() < 7:
             threading.Event().wait(0.01)
         model.release.set()
@@ -84,9 +91,35 @@ def test_a_failing_pass_fails_its_callers_and_the_next_pass_works() -> None:
             raise RuntimeError("model exploded")
         return fake_vectors(texts)
 
-    batcher = TextBatcher(flaky)
+    batcher = runner(flaky)
     with pytest.raises(RuntimeError, match="model exploded"):
-        batcher.encode_one("a", timeout_s=5)
+        batcher.encode_text("a", timeout_s=5)
     fail["on"] = False
-    assert batcher.encode_one("abc", timeout_s=5)[0] == 3
+    assert batcher.encode_text("abc", timeout_s=5)[0] == 3
+    batcher.close()
+
+
+def test_calls_run_on_the_model_thread_between_text_passes() -> None:
+    model = Gated()
+    batcher = runner(model)
+    threads: set[str] = set()
+
+    def note() -> str:
+        threads.add(threading.current_thread().name)
+        return "ran"
+
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.encode_text, "first")
+        assert model.entered.wait(10)
+        text = pool.submit(batcher.encode_text, "second")
+        call = pool.submit(batcher.call, note)
+        while batcher._queue.qsize() < 2:
+            threading.Event().wait(0.01)
+        model.release.set()
+        assert call.result(10) == "ran" and text.result(10)[0] == len("second")
+        first.result(10)
+    with pytest.raises(ZeroDivisionError):
+        batcher.call(lambda: 1 / 0)
+    assert batcher.call(lambda: threading.current_thread().name) == "model"
+    assert threads == {"model"}
     batcher.close()
