@@ -27,7 +27,11 @@ def main() -> int:
         action="append",
         help="run only these parts (repeatable)",
     )
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where the ingest model runs"
+    )
+    parser.add_argument("--batch", type=int, default=32, help="images per forward pass")
     parser.add_argument(
         "--standalone",
         action="store_true",
@@ -40,10 +44,12 @@ def main() -> int:
     if "ingest" in parts:
         ingest.run(
             table,
-            images=1000 if full else 256,
+            images=int(os.environ.get("BENCH_IMAGES", 1000 if full else 256)),
             dtype=args.dtype,
             tutorial_images=64 if full else 32,
             ceiling=0,
+            device=args.device,
+            batch=args.batch,
         )
     if "ceiling" in parts:
         ingest.pipeline_ceiling(table, n=10_000 if full else 3_000)

@@ -7,6 +7,7 @@ import uuid
 import numpy as np
 import pytest
 
+import shared.vectors as vectors_module
 from services.stack import Stack
 from shared.errors import Unavailable
 from shared.vectors import SearchFilters, VectorStore, literal
@@ -84,3 +85,42 @@ def test_unreachable_milvus_is_unavailable() -> None:
     with pytest.raises(Unavailable) as err:
         dead.ping()
     assert err.value.code == "milvus_unavailable"
+
+
+def test_selective_filters_are_answered_exactly(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8 images of one job among 3,000: HNSW under such a filter found only some of them.
+    vs = VectorStore(
+        uri=stack.settings.milvus_uri,
+        token=None,
+        collection=f"t_{uuid.uuid4().hex[:8]}",
+        index="HNSW",
+    )
+    vs.ensure_collection(dim=32)
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=32)  # near-identical vectors, as an untrained model makes them
+    big = base + 0.05 * rng.normal(size=(3000, 32))
+    for lo in range(0, 3000, 1000):
+        vs.upsert(
+            [row(f"b{lo + i}", list(v), job_id="big") for i, v in enumerate(big[lo : lo + 1000])]
+        )
+    small = base + 0.05 * rng.normal(size=(8, 32))
+    vs.upsert([row(f"s{i}", list(v), job_id="small") for i, v in enumerate(small)])
+    vs.settle()
+    for lo in range(0, 3000, 1000):  # written again (a redelivered batch): stale copies too
+        vs.upsert(
+            [row(f"b{lo + i}", list(v), job_id="big") for i, v in enumerate(big[lo : lo + 1000])]
+        )
+    q = (base + 0.05 * rng.normal(size=32)).astype(np.float32)
+    cos = small @ q / (np.linalg.norm(small, axis=1) * np.linalg.norm(q))
+    expected = [f"s{i}" for i in np.argsort(-cos)]
+    hits = vs.search(q, k=100, filters=SearchFilters(job_id="small"))
+    assert [h["image_id"] for h in hits] == expected
+    assert np.allclose([h["score"] for h in hits], np.sort(cos)[::-1], atol=1e-5)
+    assert all(h["job_id"] == "small" and h["filename"] == "f" for h in hits)
+    # Past the limit the index answers: still only the job's images, best first.
+    monkeypatch.setattr(vectors_module, "EXACT_FILTERED_ROWS", 4)
+    ann = vs.search(q, k=100, filters=SearchFilters(job_id="small"))
+    assert {h["image_id"] for h in ann} <= set(expected)
+    assert [h["score"] for h in ann] == sorted((h["score"] for h in ann), reverse=True)
