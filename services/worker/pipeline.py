@@ -105,7 +105,8 @@ class Pipeline:
             return state
         with stages.time("lookup"):
             self.vectors.ensure_collection(dim=self.encoder.dim)
-            owners = self.vectors.owners([it["image_id"] for it in items])
+            written = self.writes.last() if self.writes is not None else None
+            owners = self.vectors.owners([it["image_id"] for it in items], written_at=written)
         results: list[ItemResult] = []
         todo: list[BatchItem] = []
         for it in items:
