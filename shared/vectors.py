@@ -22,7 +22,7 @@ HNSW_SEARCH_EF = 128
 CALL_TIMEOUT_S = 10.0
 # A filter that keeps at most this many rows is answered exactly, by brute force over those
 # rows: an HNSW search under a selective filter walks a graph whose neighbours are mostly
-# filtered out and returns too few hits (Milvus Lite found 5 of a job's 8 images).
+# filtered out and returns too few hits (on Milvus Lite, some of a job's 8 images went missing).
 EXACT_FILTERED_ROWS = 4096
 # Session searches ask for a view this much newer than the last recorded write, for clocks
 # that differ a little between the writer's host and Milvus's.
