@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     clip_model: str = "openai/clip-vit-base-patch32"
     clip_device: Literal["auto", "cpu", "cuda"] = "auto"
     clip_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    clip_text_quant: Literal["auto", "int8", "none"] = "auto"
     data_dir: Path = Path("./data")
     blob_dir_override: Path | None = Field(default=None, validation_alias="BLOB_DIR")
     api_keys: Annotated[list[SecretStr], NoDecode] = []

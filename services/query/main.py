@@ -87,7 +87,7 @@ class Searcher:
 
     def load(self) -> None:
         def build() -> ClipEncoder:
-            encoder = ClipEncoder.from_settings(self.settings)
+            encoder = ClipEncoder.from_settings(self.settings, texts=True)
             encoder.warmup()
             return encoder
 

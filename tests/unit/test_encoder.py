@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import shared.encoder as encoder_module
-from shared.encoder import ClipEncoder, fast_bfloat16, pick_dtype
+from shared.encoder import ClipEncoder, fast_bfloat16, int8_text, pick_dtype
 from shared.errors import ModelLoadError
 from tests.images import make_image
 
@@ -81,3 +81,59 @@ def test_padded_batch_of_texts_equals_one_at_a_time(encoder: ClipEncoder) -> Non
 
 def test_blank_image_encodes(encoder: ClipEncoder) -> None:
     assert encoder.encode_images([Image.new("RGB", (1, 1))]).shape == (1, encoder.dim)
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_model: Path) -> ClipEncoder:
+    return ClipEncoder(model=str(tiny_model), device="cpu", dtype="bfloat16", text_quant="int8")
+
+
+def test_int8_tower_is_a_quantized_copy_beside_the_model(int8: ClipEncoder) -> None:
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    solo = int8._solo
+    assert solo is not None
+    assert not [m for m in solo.modules() if type(m) is torch.nn.Linear], "a float Linear left"
+    assert isinstance(solo.text_projection, dynamic)
+    # The model itself is untouched: batches and images still run in its own dtype.
+    assert all(p.dtype == torch.bfloat16 for p in int8.model.parameters())
+
+
+def test_int8_texts_stay_close_to_float32(int8: ClipEncoder, encoder: ClipEncoder) -> None:
+    texts = ["a dog", "two cats sleeping on a red sofa in the sun", "a white dog on a beach"]
+    alone = np.stack([int8.encode_texts([t])[0] for t in texts])
+    assert np.allclose(np.linalg.norm(alone, axis=1), 1.0, atol=1e-5)
+    assert (alone * encoder.encode_texts(texts)).sum(axis=1).min() > 0.99
+    # A batch goes through the bfloat16 tower, not the int8 one, yet says the same.
+    batch = int8.encode_texts(texts)
+    assert not np.array_equal(batch, alone)
+    assert (batch * alone).sum(axis=1).min() > 0.99
+
+
+def test_a_text_alone_always_gets_the_same_vector(int8: ClipEncoder) -> None:
+    first = int8.encode_texts(["a red car at night"])
+    int8.encode_texts(["something else entirely", "and more"])
+    assert np.array_equal(int8.encode_texts(["a red car at night"]), first)
+
+
+def test_int8_text_only_where_asked_or_where_answers_may_move() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert int8_text("int8", dtype="float32", device=cpu)
+    assert int8_text("auto", dtype="auto", device=cpu)
+    assert int8_text("auto", dtype="bfloat16", device=cpu)
+    assert not int8_text("auto", dtype="float32", device=cpu)  # exact answers asked for
+    assert not int8_text("auto", dtype="auto", device=cuda)
+    assert not int8_text("none", dtype="auto", device=cpu)
+
+
+def test_only_the_query_side_quantizes_texts(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.settings import Settings
+
+    monkeypatch.setenv("CLIP_MODEL", str(tiny_model))
+    monkeypatch.setenv("CLIP_DEVICE", "cpu")
+    monkeypatch.setenv("CLIP_DTYPE", "bfloat16")
+    monkeypatch.setenv("CLIP_TEXT_QUANT", "auto")
+    settings = Settings()
+    assert ClipEncoder.from_settings(settings, texts=True).text_int8
+    assert not ClipEncoder.from_settings(settings).text_int8  # the worker encodes no text
