@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -29,9 +28,10 @@ from services.gateway.ingest import Limits
 from services.gateway.metadata import parse_metadata
 from services.gateway.ratelimit import RateLimits, limit, parse_rule
 from services.gateway.submit import submit_job
+from services.gateway.upstream import QueryService
 from shared import logs
 from shared.blobs import make_blob_store
-from shared.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from shared.errors import InvalidInput, NotFound, PayloadTooLarge
 from shared.freshness import WriteMarks
 from shared.http import error_response, install_cors, install_error_handlers
 from shared.jobs import JobStore
@@ -76,7 +76,7 @@ class Gateway:
             },
         )
         # One pooled keep-alive client to the query service.
-        self.query = httpx.AsyncClient(base_url=settings.query_url, timeout=30.0)
+        self.query = QueryService(settings.query_url)
 
 
 @asynccontextmanager
@@ -85,7 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logs.configure("gateway", fmt=settings.log_format, level=settings.log_level)
     app.state.gw = Gateway(settings)
     yield
-    await app.state.gw.query.aclose()
+    await app.state.gw.query.close()
 
 
 app = FastAPI(title="clipsearch gateway", version="0.1.0", lifespan=lifespan)
@@ -315,47 +315,35 @@ def delete_image(request: Request, image_id: ImageId) -> dict[str, Any]:
     return {"image_id": image_id, "deleted": True}
 
 
-async def _proxy(request: Request, method: str, path: str, **kwargs: Any) -> Response:
-    try:
-        upstream = await gw(request).query.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        raise Unavailable(
-            f"the query service is unavailable: {exc.__class__.__name__}", code="query_unavailable"
-        ) from exc
-    return Response(
-        upstream.content, upstream.status_code, media_type=upstream.headers.get("content-type")
+async def _proxy(request: Request, method: str, path: str, *, body: bool = False) -> Response:
+    """The query service's answer to this request, passed through as it is."""
+    headers = {"content-type": request.headers.get("content-type", "")} if body else None
+    answer = await gw(request).query.request(
+        method,
+        path,
+        params=request.query_params.multi_items(),
+        body=await request.body() if body else None,
+        headers=headers,
     )
+    return Response(answer.body, answer.status, media_type=answer.content_type)
 
 
 @app.get("/v1/search", dependencies=[Depends(require_read), Depends(limit("searches"))])
 async def search(request: Request) -> Response:
     """Text search, answered by the query service."""
-    return await _proxy(request, "GET", "/v1/search", params=request.query_params)
+    return await _proxy(request, "GET", "/v1/search")
 
 
 @app.post("/v1/search", dependencies=[Depends(require_read), Depends(limit("searches"))])
 async def search_post(request: Request) -> Response:
     """Text search with a JSON body, answered by the query service."""
-    return await _proxy(
-        request,
-        "POST",
-        "/v1/search",
-        content=await request.body(),
-        headers={"content-type": request.headers.get("content-type", "")},
-    )
+    return await _proxy(request, "POST", "/v1/search", body=True)
 
 
 @app.post("/v1/search/image", dependencies=[Depends(require_read), Depends(limit("searches"))])
 async def search_image(request: Request) -> Response:
     """Image-to-image search, answered by the query service."""
-    return await _proxy(
-        request,
-        "POST",
-        "/v1/search/image",
-        params=request.query_params,
-        content=await request.body(),
-        headers={"content-type": request.headers.get("content-type", "")},
-    )
+    return await _proxy(request, "POST", "/v1/search/image", body=True)
 
 
 @app.get("/", include_in_schema=False)
