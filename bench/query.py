@@ -130,6 +130,18 @@ def queries(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 6)))) + f" {i}" for i in range(n)]
 
 
+def warm_up(url: str, *, seconds: float = 10.0) -> None:
+    """Search for a while before measuring. A few seconds into the first searches after a
+    quiet spell, Milvus standalone burns more than a core for 1-2 s (sampled from /proc:
+    110-130 % against ~50 %, same segments before and after); searches meanwhile took
+    40-110 ms. Measured after it, the figures describe a server in use."""
+    start, i = time.perf_counter(), 0
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while time.perf_counter() - start < seconds:
+            client.get("/v1/search", params={"q": f"warming up {i}", "k": 10})
+            i += 1
+
+
 def latencies(url: str, texts: list[str]) -> tuple[list[float], int]:
     out, errors = [], 0
     with httpx.Client(base_url=url, timeout=30) as client:
@@ -182,7 +194,7 @@ def run(
         # done: measure a library that has settled, once the machine is idle again.
         settled = settle_fully(store, vectors)
         table.add(f"{label}: then compacted, re-indexed and idle", settled, "s")
-        latencies(stack.gateway_url, queries(20, 99))  # warm up
+        warm_up(stack.gateway_url)
         one, errors = latencies(stack.gateway_url, queries(300, 1))
         table.add(
             f"{label}: 1 client p50, {vectors} images, {index}",
