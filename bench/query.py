@@ -170,7 +170,8 @@ def run(
         env["MILVUS_URI"] = milvus_uri
     if collection:
         env["MILVUS_COLLECTION"] = collection
-    with private_stack(f"query-{label}", env, fresh=False) as stack:  # reuses its vectors
+    # Reuses its vectors: one stack per size, so a quick run never measures a full one.
+    with private_stack(f"query-{label}-{vectors // 1000}k", env, fresh=False) as stack:
         store = VectorStore(
             uri=stack.settings.milvus_uri,
             token=None,
