@@ -58,20 +58,33 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return _DTYPES[requested]
 
 
+def _has_int8() -> bool:
+    """Whether this torch has the eager int8 path (torch.ao dynamic quantization) and an engine
+    for it (fbgemm/x86 on x86-64, qnnpack on ARM). torch says the API will move to torchao."""
+    quantization = getattr(torch.ao, "quantization", None)
+    if quantization is None or not hasattr(quantization, "quantize_dynamic"):
+        return False
+    return bool(set(torch.backends.quantized.supported_engines) - {"none"})
+
+
 def int8_text(requested: str, *, dtype: str, device: torch.device) -> bool:
     """CLIP_TEXT_QUANT resolved: auto is int8 on CPUs unless CLIP_DTYPE=float32 asks for exact
-    answers, and only where torch has an int8 engine (fbgemm/x86 on x86-64, qnnpack on ARM)."""
-    if requested == "none" or device.type != "cpu":
+    answers, and only where torch can do it; an explicit int8 it cannot do is an error."""
+    if requested == "none":
         return False
-    engines = set(torch.backends.quantized.supported_engines) - {"none"}
+    if device.type != "cpu":
+        if requested == "int8":
+            log.warning("CLIP_TEXT_QUANT=int8 applies on CPUs only; %s keeps CLIP_DTYPE", device)
+        return False
     if requested == "int8":
-        if not engines:
+        if not _has_int8():
             raise ModelLoadError(
-                "CLIP_TEXT_QUANT=int8 but this torch build has no int8 engine",
+                "CLIP_TEXT_QUANT=int8 but this torch build has no eager int8 path "
+                "(torch.ao.quantization with an int8 engine); set CLIP_TEXT_QUANT=none",
                 code="no_int8_engine",
             )
         return True
-    return dtype != "float32" and bool(engines)
+    return dtype != "float32" and _has_int8()
 
 
 class Int8TextTower(torch.nn.Module):
@@ -82,9 +95,10 @@ class Int8TextTower(torch.nn.Module):
     here, ViT-B/32, two threads). Activations are quantized per call with one scale for the
     whole input, so in a padded batch a text's vector would depend on its neighbours
     (cosine down to 0.998 against its own pass, measured): batches use the model's own
-    tower. Weights get one scale per output channel; norms and embeddings stay float32.
-    torch's eager int8 path (torch.ao) is the one with fast CPU kernels without
-    torch.compile; it warns that it will move to torchao.
+    tower. Weights get one scale per output channel; norms and embeddings are float32
+    copies of the loaded model's values (so already rounded to CLIP_DTYPE; the precision
+    bench measures the whole path). torch's eager int8 path (torch.ao) is the one with fast
+    CPU kernels without torch.compile; it warns that it will move to torchao.
     """
 
     def __init__(self, clip: Any) -> None:
@@ -92,6 +106,8 @@ class Int8TextTower(torch.nn.Module):
         self.text_model = copy.deepcopy(clip.text_model).float().eval()
         self.text_projection = copy.deepcopy(clip.text_projection).float().eval()
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        # torch.ao warns on every call that it moves to torchao: said once here instead.
+        log.info("int8 text tower via torch.ao dynamic quantization (deprecated upstream)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
@@ -105,7 +121,9 @@ class Int8TextTower(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The projected text features, as CLIPModel.get_text_features computes them."""
-        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        pooled = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+        ).pooler_output
         features: torch.Tensor = self.text_projection(pooled)
         return features
 
@@ -114,7 +132,7 @@ def _give_back_freed_memory() -> None:
     """Return freed heap pages to the OS where the C library can (glibc's malloc_trim)."""
     gc.collect()  # the swapped-out modules sit in reference cycles
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _features(output: Any) -> torch.Tensor:
@@ -146,7 +164,17 @@ class ClipEncoder:
             ) from exc
         self.model: Any = clip.to(self.device).eval()
         self.text_int8 = int8_text(text_quant, dtype=dtype, device=self.device)
-        self._solo: Int8TextTower | None = Int8TextTower(clip) if self.text_int8 else None
+        self._solo: Int8TextTower | None = None
+        if self.text_int8:
+            try:
+                self._solo = Int8TextTower(clip)
+            except Exception as exc:  # auto falls back; an explicit int8 says why it cannot
+                if text_quant == "int8":
+                    raise ModelLoadError(
+                        f"CLIP_TEXT_QUANT=int8 failed: {exc}", code="no_int8_engine"
+                    ) from exc
+                log.warning("int8 text tower unavailable, texts stay in %s: %s", self.dtype, exc)
+                self.text_int8 = False
         self.dim = int(clip.config.projection_dim)
         self.max_tokens = int(clip.config.text_config.max_position_embeddings)
         self._fast = ClipPreprocess.from_processor(self.processor.image_processor)

@@ -137,3 +137,21 @@ def test_only_the_query_side_quantizes_texts(
     settings = Settings()
     assert ClipEncoder.from_settings(settings, texts=True).text_int8
     assert not ClipEncoder.from_settings(settings).text_int8  # the worker encodes no text
+
+
+def test_int8_falls_back_under_auto_and_fails_clearly_when_asked(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(clip: object) -> None:
+        raise AttributeError("module 'torch.ao' has no attribute 'quantization'")
+
+    monkeypatch.setattr(encoder_module, "Int8TextTower", broken)
+    fallback = ClipEncoder(model=str(tiny_model), device="cpu", dtype="bfloat16", text_quant="auto")
+    assert not fallback.text_int8 and fallback.encode_texts(["a dog"]).shape == (1, fallback.dim)
+    with pytest.raises(ModelLoadError) as err:
+        ClipEncoder(model=str(tiny_model), device="cpu", dtype="bfloat16", text_quant="int8")
+    assert err.value.code == "no_int8_engine" and "CLIP_TEXT_QUANT" in err.value.detail
+    monkeypatch.setattr(encoder_module, "_has_int8", lambda: False)
+    assert not int8_text("auto", dtype="auto", device=torch.device("cpu"))
+    with pytest.raises(ModelLoadError):
+        int8_text("int8", dtype="auto", device=torch.device("cpu"))
