@@ -67,4 +67,4 @@ def configure(service: str, *, fmt: str = "json", level: str | int = "INFO") -> 
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per proxied search, else
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else a line per request at INFO

@@ -14,6 +14,8 @@ import aiohttp
 
 from shared.errors import Unavailable
 
+KEEPALIVE_S = 4.0  # below uvicorn's default --timeout-keep-alive of 5 s
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -34,7 +36,10 @@ class QueryService:
 
     def _pool(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            # Idle connections go before uvicorn's 5 s keep-alive closes them from its side,
+            # so a POST (which aiohttp does not retry) never lands on a closing socket.
+            connector = aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S)
+            self._session = aiohttp.ClientSession(timeout=self.timeout, connector=connector)
         return self._session
 
     async def request(
