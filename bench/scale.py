@@ -43,6 +43,7 @@ def run(table: Table, *, vectors: int, n_queries: int = 200) -> None:
 
     data_dir = ROOT / "milvus-scale"
     label = f"standalone-{vectors // 1000}k"
+    collection = f"bench_scale_{vectors // 1000}k"  # a quick run never measures a full one
     with running_milvus_standalone(data_dir) as uri:
         # The same path as the 100k figures: insert, settle, wait for the index, then
         # GET /v1/search through the gateway, one client and eight.
@@ -53,10 +54,10 @@ def run(table: Table, *, vectors: int, n_queries: int = 200) -> None:
             seconds=20,
             label=label,
             milvus_uri=uri,
-            collection="bench_scale",
+            collection=collection,
         )
         table.add(f"{label}: Milvus resident memory after load", milvus_rss_gib(data_dir), "GiB")
-        store = VectorStore(uri=uri, token=None, collection="bench_scale", index="HNSW")
+        store = VectorStore(uri=uri, token=None, collection=collection, index="HNSW")
         rng = np.random.default_rng(7)
         centres = np.random.default_rng(0).normal(size=(256, 512)).astype(np.float32)
         # Queries from the same distribution as the data, none of them in it.
