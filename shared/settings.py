@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -74,12 +76,35 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: no worker /metrics
     worker_metrics_host: str = "127.0.0.1"
 
+    # Jobs. Every Redis key and the Celery queue carry CLIPSEARCH_NAMESPACE, so deployments
+    # sharing one Redis stay apart; by default it is derived from MILVUS_URI and
+    # MILVUS_COLLECTION (one index, one deployment).
+    namespace_override: str | None = Field(default=None, validation_alias="CLIPSEARCH_NAMESPACE")
+    # A running job none of whose batches moved for this long, with none of its messages left
+    # in the queue, has lost a batch: the sweeper sends what was not counted again. Keep it
+    # above the longest forward pass and the retry backoff (30 s at most).
+    job_stall_timeout_s: int = Field(default=120, ge=2)
+    job_max_requeues: int = Field(default=3, ge=0)  # then its images fail with `batch_lost`
+    # A batch started this many times without ending killed its workers: it is split until
+    # the image that kills them fails alone (`worker_crashed`).
+    batch_max_attempts: int = Field(default=3, ge=1)
+    # How long a finished job's records (counts, errors) are kept in Redis.
+    job_retention: timedelta = timedelta(days=7)
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of this deployment's Redis keys and Celery queue."""
+        if self.namespace_override:
+            return self.namespace_override
+        where = hashlib.sha256(f"{self.milvus_uri}|{self.milvus_collection}".encode()).hexdigest()
+        return f"clipsearch:{self.milvus_collection}:{where[:8]}"
 
     @property
     def blob_dir(self) -> Path:

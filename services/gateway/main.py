@@ -51,7 +51,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.jobs = JobStore.from_url(settings.redis_url)
+        self.jobs = JobStore.from_settings(settings)
         self.writes = WriteMarks(self.jobs.r, settings.milvus_collection)
         self.blobs = make_blob_store(settings)
         self.celery = make_celery(settings)

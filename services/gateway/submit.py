@@ -25,7 +25,7 @@ from services.gateway.ingest import (
 )
 from shared.blobs import BlobStore
 from shared.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
-from shared.jobs import PREFIX, ItemResult, JobStore
+from shared.jobs import ItemResult, JobStore
 from shared.tasks import BatchItem, enqueue_batch
 
 
@@ -122,7 +122,7 @@ def _submit(
     if streaming:
         if len(uploads) > max_items:
             raise PayloadTooLarge(f"a job holds at most {max_items} images", code="too_many_files")
-        _queue_errors(lambda: jobs.create(total=len(uploads), job_id=job_id))
+        _queue_errors(lambda: jobs.create(total=len(uploads), job_id=job_id, metadata=metadata))
     items: list[BatchItem] = []
     counted: list[ItemResult] = []  # rejected and in-job duplicates, counted at once
     rejected: list[Rejection] = []
@@ -135,7 +135,7 @@ def _submit(
         for start in range(sent, upto, batch_size):
             batch = items[start : min(start + batch_size, upto)]
             try:
-                enqueue_batch(celery, job_id=job_id, items=batch, metadata=metadata)
+                enqueue_batch(celery, jobs, job_id=job_id, items=batch, metadata=metadata)
             except (redis.RedisError, OperationalError) as exc:
                 raise Unavailable(
                     f"the job queue is unavailable: {exc}", code="queue_unavailable"
@@ -179,7 +179,9 @@ def _submit(
             send(len(items))
             _queue_errors(lambda: jobs.record(job_id, counted))
         else:
-            _queue_errors(lambda: jobs.create(total=n, rejected=counted, job_id=job_id))
+            _queue_errors(
+                lambda: jobs.create(total=n, rejected=counted, job_id=job_id, metadata=metadata)
+            )
             send(len(items))
     except BaseException:
         for _, _, stored in window:
@@ -219,7 +221,7 @@ def _replay(jobs: JobStore, job_id: str) -> Submission:
 
 def _release(jobs: JobStore, key: str, job_id: str) -> None:
     """Forget a key whose request failed, unless another request holds it by now."""
-    name = f"{PREFIX}:idem:{key}"  # JobStore.claim_idempotency_key's key
+    name = jobs.idempotency_key(key)
     with contextlib.suppress(redis.RedisError):
         if jobs.r.get(name) == job_id:
             jobs.r.delete(name)

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from pymilvus import MilvusException
 
 from services.worker import metrics  # first: it sets up multiprocess metrics and logging
 from services.worker.pipeline import Pipeline
+from services.worker.sweeper import Sweeper
 from shared.blobs import make_blob_store
 from shared.encoder import ClipEncoder
 from shared.errors import Unavailable
 from shared.freshness import WriteMarks
+from shared.jobs import FINAL_STATES, JobStore
 from shared.settings import get_settings
-from shared.tasks import EMBED_TASK, BatchItem, make_celery
+from shared.tasks import EMBED_TASK, BatchItem, enqueue_batch, make_celery, queue_key
 from shared.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ def get_pipeline() -> Pipeline:
         settings = get_settings()
         encoder = ClipEncoder.from_settings(settings)
         encoder.warmup()
-        jobs = metrics.MeteredJobStore.from_url(settings.redis_url)
+        jobs = metrics.MeteredJobStore.from_settings(settings)
         _pipeline = Pipeline(
             encoder=encoder,
             vectors=VectorStore(
@@ -65,6 +68,35 @@ def get_pipeline() -> Pipeline:
     return _pipeline
 
 
+_sweeping = threading.Event()
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_sweeper(**_: Any) -> None:
+    # In the worker's main process (the pool children run batches): find lost batches.
+    settings = get_settings()
+    sweeper = Sweeper(
+        jobs=JobStore.from_settings(settings),
+        app=app,
+        queue_key=queue_key(settings),
+        stall_s=settings.job_stall_timeout_s,
+        max_requeues=settings.job_max_requeues,
+    )
+    interval = max(1.0, min(30.0, settings.job_stall_timeout_s / 4))
+    threading.Thread(
+        target=sweeper.run_forever,
+        args=(_sweeping,),
+        kwargs={"interval_s": interval},
+        name="sweeper",
+        daemon=True,
+    ).start()
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_sweeper(**_: Any) -> None:
+    _sweeping.set()
+
+
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _load_model(**_: Any) -> None:
     # Load in the pool child before the first task so the first batch is not the slow one.
@@ -73,12 +105,26 @@ def _load_model(**_: Any) -> None:
 
 @app.task(name=EMBED_TASK, bind=True, max_retries=MAX_RETRIES)  # type: ignore[untyped-decorator]
 def embed_batch(
-    self: Task, *, job_id: str, items: list[BatchItem], metadata: dict[str, Any]
+    self: Task,
+    *,
+    job_id: str,
+    items: list[BatchItem],
+    metadata: dict[str, Any],
+    batch: str = "",
+    seq: int = 0,
 ) -> str | None:
     """Embed one batch of a job's images; retry with backoff while Milvus or Redis is away."""
     pipeline = get_pipeline()
+    started = pipeline.jobs.start(job_id, batch=batch, seq=seq)
+    if started.state is None or started.state in FINAL_STATES:
+        log.info("skipping batch of %d: job %s is %s", len(items), job_id, started.state)
+        return started.state
+    if started.attempts > get_settings().batch_max_attempts:
+        return split_poison_batch(
+            pipeline, job_id=job_id, items=items, metadata=metadata, batch=batch
+        )
     try:
-        return pipeline.run(job_id=job_id, items=items, metadata=metadata)
+        return pipeline.run(job_id=job_id, items=items, metadata=metadata, batch=batch)
     except TRANSIENT as exc:
         retries = self.request.retries
         if retries >= MAX_RETRIES:
@@ -86,11 +132,13 @@ def embed_batch(
             pipeline.fail_all(
                 job_id=job_id,
                 items=items,
+                batch=batch,
                 code="index_unavailable",
                 detail=f"the vector store stayed unavailable: {exc}",
             )
             return None
         pipeline.vectors.reset()
+        pipeline.jobs.end_attempt(job_id, batch)  # this attempt ends alive: not a crash
         # Stay under the visibility timeout, or the broker would hand the batch out twice.
         cap = max(1, min(30, get_settings().task_visibility_timeout_s // 3))
         countdown = min(2**retries, cap)
@@ -102,7 +150,36 @@ def embed_batch(
         pipeline.fail_all(
             job_id=job_id,
             items=items,
+            batch=batch,
             code="internal_error",
             detail=f"the worker failed on this batch: {exc.__class__.__name__}",
         )
         return None
+
+
+def split_poison_batch(
+    pipeline: Pipeline,
+    *,
+    job_id: str,
+    items: list[BatchItem],
+    metadata: dict[str, Any],
+    batch: str,
+) -> str | None:
+    """A batch that killed its workers again and again: halve it until one image is left."""
+    if len(items) == 1:
+        item = items[0]
+        log.error("job %s: %s killed the worker every time; failing it", job_id, item["filename"])
+        pipeline.fail_all(
+            job_id=job_id,
+            items=items,
+            batch=batch,
+            code="worker_crashed",
+            detail="the worker process died each time it read this image",
+        )
+        return pipeline.jobs.state(job_id)
+    half = len(items) // 2
+    log.warning("job %s: a batch of %d killed its workers; splitting it", job_id, len(items))
+    for part in (items[:half], items[half:]):
+        enqueue_batch(app, pipeline.jobs, job_id=job_id, items=part, metadata=metadata)
+    pipeline.jobs.drop_batch(job_id, batch)
+    return pipeline.jobs.state(job_id)

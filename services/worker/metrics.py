@@ -82,9 +82,9 @@ _job_tokens: dict[str, Any] = {}
 class MeteredJobStore(JobStore):
     """The job store, counting every recorded outcome and error code as it goes."""
 
-    def record(self, job_id: str, results: Iterable[ItemResult]) -> str | None:
+    def record(self, job_id: str, results: Iterable[ItemResult], *, batch: str = "") -> str | None:
         results = list(results)
-        state = super().record(job_id, results)
+        state = super().record(job_id, results, batch=batch)
         for res in results:
             IMAGES.labels(res.outcome).inc()
             if res.outcome == "failed":

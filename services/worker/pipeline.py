@@ -96,13 +96,11 @@ class Pipeline:
             return item, exc
         return item, Prepared(self.encoder.prepare(image), width, height)
 
-    def run(self, *, job_id: str, items: list[BatchItem], metadata: dict[str, Any]) -> str | None:
-        """Index one batch and count every item; return the job's state afterwards."""
+    def run(
+        self, *, job_id: str, items: list[BatchItem], metadata: dict[str, Any], batch: str = ""
+    ) -> str | None:
+        """Index one batch of a running job and count every item; return the job's state."""
         stages = Stages()
-        state = self.jobs.start(job_id)
-        if state is None or state in FINAL_STATES:
-            log.info("skipping batch of %d: job %s is %s", len(items), job_id, state)
-            return state
         with stages.time("lookup"):
             self.vectors.ensure_collection(dim=self.encoder.dim)
             written = self.writes.last() if self.writes is not None else None
@@ -131,6 +129,7 @@ class Pipeline:
                 vectors = self.encoder.encode_pixels(torch.stack([p.pixels for _, p in chunk]))
             rows = _rows(chunk, vectors, job_id=job_id, metadata=metadata)
             upserts.append(self.io.submit(self.vectors.upsert, rows))
+            self.jobs.touch(job_id)  # a long batch is alive: the sweeper leaves its job alone
             results.extend(ItemResult(it["key"], "done", it["filename"]) for it, _ in chunk)
             indexed += len(chunk)
             chunk.clear()
@@ -160,7 +159,7 @@ class Pipeline:
             if upserts and self.writes is not None:
                 self.writes.mark()  # before the count: a finished job is searchable at once
         with stages.time("record"):
-            state = self.jobs.record(job_id, results)
+            state = self.jobs.record(job_id, results, batch=batch)
         if state in FINAL_STATES and indexed:
             with stages.time("settle"), contextlib.suppress(Unavailable):
                 self.vectors.settle()  # this batch finished the job: seal its rows
@@ -175,8 +174,12 @@ class Pipeline:
         )
         return state
 
-    def fail_all(self, *, job_id: str, items: list[BatchItem], code: str, detail: str) -> None:
+    def fail_all(
+        self, *, job_id: str, items: list[BatchItem], code: str, detail: str, batch: str = ""
+    ) -> None:
         """Give up on a batch: every item not yet counted is recorded as failed."""
         self.jobs.record(
-            job_id, [ItemResult(it["key"], "failed", it["filename"], code, detail) for it in items]
+            job_id,
+            [ItemResult(it["key"], "failed", it["filename"], code, detail) for it in items],
+            batch=batch,
         )

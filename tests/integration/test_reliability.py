@@ -10,13 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from services.stack import Stack
+from shared.tasks import queue_key
 from shared.vectors import SearchFilters, VectorStore
 from tests.conftest import running_stack, stack_settings, upload, wait_for_job
 from tests.images import encode, make_image
 
 N = 240
+POISON_HOOK = Path(__file__).parents[1] / "support" / "poison"
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,9 @@ def rstack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
         tiny_model,
         EMBED_BATCH_SIZE="4",
         TASK_VISIBILITY_TIMEOUT_S="8",
+        JOB_STALL_TIMEOUT_S="6",
+        BATCH_MAX_ATTEMPTS="2",
+        PYTHONPATH=os.pathsep.join([str(POISON_HOOK), os.environ.get("PYTHONPATH", "")]),
     )
     with running_stack(env, workers=2) as stack:
         yield stack
@@ -54,9 +60,16 @@ def wait_until_done_at_least(api: httpx.Client, job_id: str, n: int) -> None:
     raise AssertionError(f"job {job_id} made no progress")
 
 
-def assert_indexed_exactly_once(stack: Stack, api: httpx.Client, job_id: str) -> None:
-    job = wait_for_job(api, job_id, timeout_s=240)
-    assert (job["state"], job["done"], job["failed"], job["duplicates"]) == ("succeeded", N, 0, 0)
+def assert_indexed_exactly_once(
+    stack: Stack, api: httpx.Client, job_id: str, n: int = N, timeout_s: float = 240
+) -> None:
+    job = wait_for_job(api, job_id, timeout_s=timeout_s)
+    assert (job["state"], job["done"], job["failed"], job["duplicates"]) == ("succeeded", n, 0, 0)
+    indexed_rows(stack, job_id, n)
+
+
+def indexed_rows(stack: Stack, job_id: str, n: int) -> None:
+    """The job's rows in Milvus: exactly `n`, each image once."""
     store = VectorStore(
         uri=stack.settings.milvus_uri, token=None, collection=stack.settings.milvus_collection
     )
@@ -67,7 +80,7 @@ def assert_indexed_exactly_once(stack: Stack, api: httpx.Client, job_id: str) ->
         consistency_level="Strong",
         limit=10_000,
     )
-    assert len(rows) == N and len({r["image_id"] for r in rows}) == N
+    assert len(rows) == n and len({r["image_id"] for r in rows}) == n
 
 
 def pool_children(pid: int) -> list[int]:
@@ -137,3 +150,34 @@ def test_redis_restart_mid_job(rstack: Stack, rapi: httpx.Client) -> None:
     time.sleep(2)
     rstack.restart("redis")
     assert_indexed_exactly_once(rstack, rapi, job_id)
+
+
+def test_batches_lost_by_the_broker_are_sent_again(rstack: Stack, rapi: httpx.Client) -> None:
+    """Messages gone from the queue (a broker outage) are found and sent again in bounded time."""
+    workers = [name for name in rstack.procs if name.startswith("worker")]
+    for name in workers:
+        rstack.send(name, signal.SIGSTOP)
+    try:
+        job_id = start_job(rapi, 6, n=40)
+        r = redis.Redis.from_url(rstack.settings.redis_url)
+        queue = queue_key(rstack.settings)
+        assert r.llen(queue) >= 3
+        assert r.lpop(queue) and r.rpop(queue)  # the newest message and the oldest one
+    finally:
+        for name in workers:
+            rstack.send(name, signal.SIGCONT)
+    # Stall timeout 6 s, sweeps every 1.5 s: well within the wait.
+    assert_indexed_exactly_once(rstack, rapi, job_id, n=40, timeout_s=60)
+
+
+def test_an_image_that_kills_its_worker_fails_alone(rstack: Stack, rapi: httpx.Client) -> None:
+    poison = encode(make_image(70_000), comment=b"CLIPSEARCH-TEST-POISON")
+    files = [(f"p{i}.jpg", encode(make_image(70_001 + i))) for i in range(7)]
+    files.insert(5, ("poison.jpg", poison))
+    response = upload(rapi, files)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    job = wait_for_job(rapi, job_id, timeout_s=180)
+    assert (job["state"], job["done"], job["failed"]) == ("completed_with_errors", 7, 1)
+    assert [(e["filename"], e["code"]) for e in job["errors"]] == [("poison.jpg", "worker_crashed")]
+    indexed_rows(rstack, job_id, 7)
