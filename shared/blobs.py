@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,16 @@ class BlobStore:
         except FileNotFoundError:
             return False
         return True
+
+    def listing(self) -> Iterator[tuple[str, float]]:
+        """Every key stored, with when it was written (Unix time)."""
+        for first in sorted(self.root.iterdir()):
+            if not first.is_dir() or len(first.name) != 2:
+                continue
+            for second in sorted(first.iterdir()):
+                for entry in os.scandir(second):
+                    if is_valid_id(entry.name):
+                        yield entry.name, entry.stat().st_mtime
 
 
 def make_blob_store(settings: Settings) -> BlobStore:

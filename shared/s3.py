@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -183,6 +184,21 @@ class S3BlobStore(BlobStore):
         except (ClientError, BotoCoreError) as exc:
             self._fail("delete a blob", exc)
         return True
+
+    def listing(self) -> Iterator[tuple[str, float]]:
+        """Every key in the bucket under the prefix, with when it was written (Unix time)."""
+        self.ensure_bucket()
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix
+        )
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(self.prefix) :]
+                    if is_valid_id(key):
+                        yield key, obj["LastModified"].timestamp()
+        except (BotoCoreError, ClientError) as exc:
+            self._fail("list", exc)
 
     def ping(self) -> bool:
         """Whether the bucket can be reached (creating it if missing)."""

@@ -309,6 +309,13 @@ class VectorStore:
         ]
 
     @_unavailable
+    @_unavailable
+    def remove(self, image_ids: Sequence[str]) -> None:
+        """Remove the rows of these ids (those that exist)."""
+        for start in range(0, len(image_ids), 1000):
+            chunk = list(image_ids[start : start + 1000])
+            self.client.delete(self.collection, ids=chunk, timeout=CALL_TIMEOUT_S)
+
     def delete(self, image_id: str) -> int:
         """Remove one image's vector; the number of rows removed."""
         if not self.owners([image_id]):
@@ -327,6 +334,27 @@ class VectorStore:
         self.client.flush(self.collection, timeout=120)
         with contextlib.suppress(MilvusException):  # not every deployment allows manual runs
             self.client.compact(self.collection, timeout=120)
+
+    @_unavailable
+    def ids(self, *, batch: int = 4096) -> set[str]:
+        """Every image id in the collection (a strong read, page by page)."""
+        out: set[str] = set()
+        if not self.exists():
+            return out
+        it = self.client.query_iterator(
+            self.collection,
+            batch_size=batch,
+            filter="",
+            output_fields=["image_id"],
+            consistency_level="Strong",
+            timeout=CALL_TIMEOUT_S,
+        )
+        try:
+            while rows := it.next():
+                out.update(row["image_id"] for row in rows)
+        finally:
+            it.close()
+        return out
 
     @_unavailable
     def count(self) -> int:

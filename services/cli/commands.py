@@ -171,3 +171,34 @@ def run_search(
         write_grid(gateway=gateway, body=body, path=grid)
         print(f"wrote {grid}", file=sys.stderr)
     return 0
+
+
+def run_admin_check(*, gateway: Gateway, repair: bool, as_json: bool) -> int:
+    """Compare bytes, vectors and job records; exit 1 if drift is left unrepaired."""
+    report = gateway.json("POST", "/v1/admin/check", json={"repair": repair})
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_check(report))
+    return 0 if report["clean"] or repair else 1
+
+
+def render_check(report: dict[str, Any]) -> str:
+    """A check report as readable lines."""
+    lines = [
+        f"blobs {report['blobs']}, vectors {report['vectors']}, in flight {report['in_flight']}",
+        f"bytes without vectors: {report['bytes_without_vectors']['count']}",
+        f"vectors without bytes: {report['vectors_without_bytes']['count']}",
+        f"stuck jobs: {len(report['stuck_jobs'])}",
+    ]
+    for job in report["stuck_jobs"]:
+        lines.append(
+            f"  {job['job_id']} {job['state']}, idle {job['idle_seconds']:.0f} s, "
+            f"{job['uncounted_images']} images uncounted"
+        )
+    if report.get("repair_job_id"):
+        lines.append(f"re-embedding in job {report['repair_job_id']}")
+    if report.get("removed_vectors"):
+        lines.append(f"removed {report['removed_vectors']} vectors without bytes")
+    lines.append("clean" if report["clean"] else "drift found")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from services.cli.client import CliError, Gateway, resolve_url
-from services.cli.commands import run_job, run_jobs, run_search
+from services.cli.commands import run_admin_check, run_job, run_jobs, run_search
 from services.cli.ingest import parse_metadata, run_ingest
 
 PROG = "clipsearch"
@@ -100,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", metavar="ID")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_search(commands, common)
+    admin = commands.add_parser("admin", parents=[common], help="operators' commands")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True)
+    p = admin_commands.add_parser(
+        "check",
+        parents=[common],
+        help="compare the blob store, Milvus and the job records (exit 1 on drift)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="embed bytes without vectors again, remove vectors without bytes",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -127,6 +140,8 @@ def dispatch(args: argparse.Namespace) -> int:
             return run_jobs(gateway=gateway, limit=args.limit, as_json=args.json)
         if args.command == "job":
             return run_job(gateway=gateway, job_id=args.job_id, as_json=args.json)
+        if args.command == "admin":
+            return run_admin_check(gateway=gateway, repair=args.repair, as_json=args.json)
         query = {
             "text": args.text,
             "image": args.image,

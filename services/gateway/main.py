@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from services.gateway import metrics, thumbnails
+from services.gateway import admin, metrics, thumbnails
 from services.gateway.auth import client_identity, require_read, require_write
 from services.gateway.bodylimit import MAX_SMALL_BODY, BodyLimit
 from services.gateway.ingest import Limits
@@ -344,6 +344,9 @@ async def search_post(request: Request) -> Response:
 async def search_image(request: Request) -> Response:
     """Image-to-image search, answered by the query service."""
     return await _proxy(request, "POST", "/v1/search/image", body=True)
+
+
+app.include_router(admin.router)
 
 
 @app.get("/", include_in_schema=False)
