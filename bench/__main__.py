@@ -23,7 +23,7 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="the issue's full sizes")
     parser.add_argument(
         "--only",
-        choices=["ingest", "ceiling", "precision", "query", "standalone", "scale"],
+        choices=["ingest", "ceiling", "precision", "memory", "query", "standalone", "scale"],
         action="append",
         help="run only these parts (repeatable)",
     )
@@ -38,7 +38,7 @@ def main() -> int:
         help="also measure queries on the real Milvus server (PyPI milvus)",
     )
     args = parser.parse_args()
-    parts = set(args.only or ["ingest", "ceiling", "precision", "query"])
+    parts = set(args.only or ["ingest", "ceiling", "precision", "memory", "query"])
     table = Table()
     full = args.full
     if "ingest" in parts:
@@ -57,6 +57,10 @@ def main() -> int:
         from bench import precision
 
         precision.run(table)
+    if "memory" in parts:
+        from bench import memory
+
+        memory.run(table)
     if "query" in parts:
         query.run(
             table,

@@ -11,7 +11,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -142,13 +142,49 @@ def _features(output: Any) -> torch.Tensor:
     return features
 
 
+Tower = Literal["image", "text"]
+BOTH: frozenset[Tower] = frozenset({"image", "text"})
+IMAGE_ONLY: frozenset[Tower] = frozenset({"image"})  # what a worker loads
+
+
+def drop_towers(model: torch.nn.Module, keep: frozenset[Tower]) -> list[str]:
+    """Remove the submodules of the towers not in `keep`; the names removed.
+
+    Dual encoders name their parts after the tower (`text_model`, `text_projection`,
+    `vision_model`, `visual_projection`), so a part is the text tower's when its name says
+    "text", the image tower's when it says "vision" or "visual".
+    """
+    dropped = []
+    for name, _ in list(model.named_children()):
+        tower: Tower | None = (
+            "text" if "text" in name else "image" if "vision" in name or "visual" in name else None
+        )
+        if tower is not None and tower not in keep:
+            setattr(model, name, None)
+            dropped.append(name)
+    if dropped:
+        _give_back_freed_memory()
+    return dropped
+
+
 class ClipEncoder:
-    """Loads CLIP_MODEL once and encodes images and texts into unit-length vectors."""
+    """Loads CLIP_MODEL once and encodes images and texts into unit-length vectors.
+
+    A process keeps only the towers it runs (`towers`): a worker the image tower, the query
+    service the text tower (and the image tower where image search is on).
+    """
 
     def __init__(
-        self, *, model: str, device: str = "auto", dtype: str = "auto", text_quant: str = "none"
+        self,
+        *,
+        model: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        text_quant: str = "none",
+        towers: frozenset[Tower] = BOTH,
     ) -> None:
         self.name = model
+        self.towers = towers
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         try:
@@ -162,8 +198,9 @@ class ClipEncoder:
                 "tokenizer and preprocessor files), or make the Hugging Face hub reachable.",
                 code="model_unavailable",
             ) from exc
+        drop_towers(clip, towers)
         self.model: Any = clip.to(self.device).eval()
-        self.text_int8 = int8_text(text_quant, dtype=dtype, device=self.device)
+        self.text_int8 = "text" in towers and int8_text(text_quant, dtype=dtype, device=self.device)
         self._solo: Int8TextTower | None = None
         if self.text_int8:
             try:
@@ -182,8 +219,9 @@ class ClipEncoder:
         # One forward pass at a time per process; torch already uses every core.
         self._lock = threading.Lock()
         log.info(
-            "loaded %s on %s as %s%s (dim %d)",
+            "loaded %s (%s) on %s as %s%s (dim %d)",
             model,
+            " and ".join(f"{t} tower" for t in sorted(towers)),
             self.device,
             self.dtype,
             ", int8 text tower for single texts" if self.text_int8 else "",
@@ -191,14 +229,15 @@ class ClipEncoder:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, texts: bool = False) -> ClipEncoder:
-        """The encoder that CLIP_MODEL, CLIP_DEVICE and CLIP_DTYPE describe; with `texts`
-        (the query service) CLIP_TEXT_QUANT too."""
+    def from_settings(cls, settings: Settings, *, towers: frozenset[Tower]) -> ClipEncoder:
+        """The encoder that CLIP_MODEL, CLIP_DEVICE and CLIP_DTYPE describe, with `towers`
+        only; CLIP_TEXT_QUANT applies to the text tower."""
         return cls(
             model=settings.clip_model,
             device=settings.clip_device,
             dtype=settings.clip_dtype,
-            text_quant=settings.clip_text_quant if texts else "none",
+            text_quant=settings.clip_text_quant if "text" in towers else "none",
+            towers=towers,
         )
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
@@ -235,6 +274,8 @@ class ClipEncoder:
         With CLIP_TEXT_QUANT resolved to int8, a single text goes through the int8 copy of
         the text tower and a batch through the model's own (see Int8TextTower).
         """
+        if "text" not in self.towers:
+            raise RuntimeError(f"this process loaded {self.name!r} without its text tower")
         tokens = self.processor.tokenizer(
             list(texts),
             padding=True,
@@ -251,10 +292,12 @@ class ClipEncoder:
         return _normalise(_features(out))
 
     def warmup(self) -> None:
-        """Run every tower once so the first real request is not the slow one."""
-        self.encode_texts(["warm up"])
-        self.encode_texts(["warm up", "a batch"])
-        self.encode_images([Image.new("RGB", (64, 64))])
+        """Run every tower loaded once so the first real request is not the slow one."""
+        if "text" in self.towers:
+            self.encode_texts(["warm up"])
+            self.encode_texts(["warm up", "a batch"])
+        if "image" in self.towers:
+            self.encode_images([Image.new("RGB", (64, 64))])
 
 
 def _normalise(features: torch.Tensor) -> np.ndarray:

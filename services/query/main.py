@@ -22,7 +22,7 @@ from services.gateway.ingest import dimension_problem
 from services.query.batching import ModelRunner
 from services.worker.decode import DecodeError, decode_image
 from shared import logs
-from shared.encoder import ClipEncoder
+from shared.encoder import BOTH, ClipEncoder
 from shared.errors import InvalidInput, Unavailable
 from shared.freshness import WriteMarks
 from shared.http import error_response, install_cors, install_error_handlers
@@ -87,7 +87,7 @@ class Searcher:
 
     def load(self) -> None:
         def build() -> ClipEncoder:
-            encoder = ClipEncoder.from_settings(self.settings, texts=True)
+            encoder = ClipEncoder.from_settings(self.settings, towers=BOTH)
             encoder.warmup()
             return encoder
 

@@ -17,7 +17,7 @@ from services.worker import metrics  # first: it sets up multiprocess metrics an
 from services.worker.pipeline import Pipeline
 from services.worker.sweeper import Sweeper
 from shared.blobs import make_blob_store
-from shared.encoder import ClipEncoder
+from shared.encoder import IMAGE_ONLY, ClipEncoder
 from shared.errors import Unavailable
 from shared.freshness import WriteMarks
 from shared.jobs import FINAL_STATES, JobStore
@@ -45,7 +45,7 @@ def get_pipeline() -> Pipeline:
     global _pipeline
     if _pipeline is None:
         settings = get_settings()
-        encoder = ClipEncoder.from_settings(settings)
+        encoder = ClipEncoder.from_settings(settings, towers=IMAGE_ONLY)
         encoder.warmup()
         jobs = metrics.MeteredJobStore.from_settings(settings)
         _pipeline = Pipeline(

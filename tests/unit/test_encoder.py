@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import shared.encoder as encoder_module
-from shared.encoder import ClipEncoder, fast_bfloat16, int8_text, pick_dtype
+from shared.encoder import BOTH, IMAGE_ONLY, ClipEncoder, fast_bfloat16, int8_text, pick_dtype
 from shared.errors import ModelLoadError
 from tests.images import make_image
 
@@ -18,6 +18,18 @@ from tests.images import make_image
 @pytest.fixture(scope="module")
 def encoder(tiny_model: Path) -> ClipEncoder:
     return ClipEncoder(model=str(tiny_model), device="cpu", dtype="float32")
+
+
+def test_a_worker_holds_the_image_tower_only(tiny_model: Path, encoder: ClipEncoder) -> None:
+    worker = ClipEncoder(model=str(tiny_model), device="cpu", dtype="float32", towers=IMAGE_ONLY)
+    names = {name.split(".")[0] for name, _ in worker.model.named_parameters()}
+    assert not any("text" in name for name in names) and "vision_model" in names
+    both = sum(p.numel() for p in encoder.model.parameters())
+    assert sum(p.numel() for p in worker.model.parameters()) < both
+    images = [make_image(i) for i in range(3)]
+    assert np.allclose(worker.encode_images(images), encoder.encode_images(images), atol=1e-6)
+    with pytest.raises(RuntimeError, match="without its text tower"):
+        worker.encode_texts(["a dog"])
 
 
 def test_vectors_are_unit_length_and_batch_independent(encoder: ClipEncoder) -> None:
@@ -135,8 +147,8 @@ def test_only_the_query_side_quantizes_texts(
     monkeypatch.setenv("CLIP_DTYPE", "bfloat16")
     monkeypatch.setenv("CLIP_TEXT_QUANT", "auto")
     settings = Settings()
-    assert ClipEncoder.from_settings(settings, texts=True).text_int8
-    assert not ClipEncoder.from_settings(settings).text_int8  # the worker encodes no text
+    assert ClipEncoder.from_settings(settings, towers=BOTH).text_int8
+    assert not ClipEncoder.from_settings(settings, towers=IMAGE_ONLY).text_int8  # a worker's
 
 
 def test_int8_falls_back_under_auto_and_fails_clearly_when_asked(
