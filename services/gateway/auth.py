@@ -7,8 +7,15 @@ import hmac
 
 from fastapi import Request
 
-from shared.errors import Unauthorized
+from shared.errors import Forbidden, Unauthorized
+from shared.safety import open_writes_exposed
 from shared.settings import get_settings
+
+OPEN_WRITES_REFUSED = (
+    "writes are refused: this gateway is reachable beyond loopback (GATEWAY_HOST={host}) and "
+    "API_KEYS is not set. Set API_KEYS (and send 'Authorization: Bearer KEY'), bind to "
+    "127.0.0.1, or set ALLOW_INSECURE_DEFAULTS=true on a development machine."
+)
 
 
 class KeyRequired(Unauthorized):
@@ -71,7 +78,12 @@ def check_key(request: Request) -> None:
 
 
 def require_write(request: Request) -> None:
-    """Dependency for routes that change state."""
+    """Dependency for routes that change state: never open to anyone who can reach us."""
+    settings = get_settings()
+    if open_writes_exposed(settings):
+        raise Forbidden(
+            OPEN_WRITES_REFUSED.format(host=settings.gateway_host), code="writes_need_api_keys"
+        )
     check_key(request)
 
 
