@@ -142,3 +142,35 @@ def gateway_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any
     get_settings.cache_clear()
     if hasattr(app.state, "gw"):
         del app.state.gw
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free port, for tests that need Redis and nothing else."""
+    import shutil
+    import subprocess
+
+    import redis
+
+    server = shutil.which("redis-server")
+    if not server:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    argv = [server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data), "--save", ""]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url, socket_connect_timeout=0.2).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
