@@ -174,3 +174,33 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Milvus Lite server on a free port, for store tests that need nothing else."""
+    import signal
+    import subprocess
+    import sys
+
+    from services.stack import _milvus_answers
+
+    binary = Path(sys.executable).parent / "milvus-lite"
+    if not binary.exists():
+        pytest.skip("milvus-lite is not installed")
+    port = free_port()
+    data = tmp_path_factory.mktemp("milvus")
+    argv = [str(binary), "server", "--data-dir", str(data), "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--max-workers", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _milvus_answers(uri):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("milvus-lite server did not start")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the architecture notes: stop it with SIGTERM
+        proc.wait(timeout=30)
