@@ -52,8 +52,8 @@ def refuse_placeholders(settings: Settings) -> Settings:
     found = placeholder_secrets(settings)
     if found and not settings.allow_insecure_defaults:
         raise InsecureSettings(
-            f"refusing to start: {', '.join(found)} hold a placeholder (CHANGE_ME..., "
-            "minioadmin), not a secret. Set real values, e.g. from "
+            f"refusing to start: {', '.join(found)} {'holds' if len(found) == 1 else 'hold'} "
+            "a placeholder (CHANGE_ME..., minioadmin), not a secret. Set real values, e.g. from "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))', "
             "or ALLOW_INSECURE_DEFAULTS=true on a development machine."
         )
