@@ -96,7 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     logs.configure("gateway", fmt=settings.log_format, level=settings.log_level)
     if open_writes_exposed(settings):
-        log.warning(OPEN_WRITES_REFUSED.format(host=settings.gateway_host))
+        log.warning(OPEN_WRITES_REFUSED.format(where=f"GATEWAY_HOST={settings.gateway_host}"))
     app.state.gw = Gateway(settings)
     yield
     await app.state.gw.query.close()

@@ -98,3 +98,24 @@ def test_with_keys_a_public_gateway_takes_keyed_writes(gateway_app: Any) -> None
         f"/v1/images/{ID}", headers={"Authorization": "Bearer k-0123456789abcdef"}
     )
     assert keyed.status_code == 404
+
+
+def test_an_undeclared_gateway_judges_by_the_address_a_request_reached(gateway_app: Any) -> None:
+    """`uvicorn --host 0.0.0.0` by hand, GATEWAY_HOST left unset: a LAN client cannot write."""
+    from fastapi.testclient import TestClient
+
+    from services.gateway.main import app
+
+    gateway_app()  # GATEWAY_HOST not set
+    lan = TestClient(app, base_url="http://192.168.1.20:8000")
+    answer = lan.delete(f"/v1/images/{ID}")
+    assert answer.status_code == 403
+    assert answer.json()["code"] == "writes_need_api_keys"
+    assert "192.168.1.20" in answer.json()["detail"]
+    local = TestClient(app, base_url="http://127.0.0.1:8000")
+    assert local.delete(f"/v1/images/{ID}").json()["code"] == "image_not_found"
+
+    # Declared (compose publishes on the host's loopback; connections arrive on eth0): trusted.
+    gateway_app(GATEWAY_HOST="127.0.0.1")
+    lan = TestClient(app, base_url="http://172.18.0.5:8000")
+    assert lan.delete(f"/v1/images/{ID}").json()["code"] == "image_not_found"
