@@ -81,7 +81,12 @@ class Settings(BaseSettings):
     # address its port is published on. Beyond loopback, writes need API_KEYS.
     gateway_host: str = "127.0.0.1"
     # Thumbnail sizes served (any other is refused) and the disk cache's bound in bytes.
-    thumbnail_sizes: Annotated[list[int], NoDecode] = [64, 128, 256, 512]
+    thumbnail_sizes: Annotated[list[Annotated[int, Field(ge=16, le=2048)]], NoDecode] = [
+        64,
+        128,
+        256,
+        512,
+    ]
     thumbnail_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     # Like RATE_LIMIT_SEARCHES, in a bucket of its own: a page of hits loads one per hit.
     rate_limit_thumbnails: str = "6000/minute"
