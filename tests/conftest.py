@@ -48,6 +48,7 @@ def stack_settings(data: Path, model: Path, **extra: str) -> dict[str, str]:
         # Many modules share one stack from one address; test_access.py tests the limits.
         "RATE_LIMIT_UPLOADS": "",
         "RATE_LIMIT_SEARCHES": "",
+        "RATE_LIMIT_THUMBNAILS": "",
     }
     return {**env, **extra}
 
