@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.safety import refuse_placeholders
+
 
 class Settings(BaseSettings):
     """Runtime configuration; every field maps to the upper-case environment variable."""
@@ -78,7 +80,8 @@ class Settings(BaseSettings):
     # writes without API_KEYS.
     allow_insecure_defaults: bool = False
     # The address clients reach the gateway on: uvicorn's --host, or in a container the host
-    # address its port is published on. Beyond loopback, writes need API_KEYS.
+    # address its port is published on. Beyond loopback, writes need API_KEYS. Left unset,
+    # each write is judged by the local address it reached.
     gateway_host: str = "127.0.0.1"
     # Thumbnail sizes served (any other is refused) and the disk cache's bound in bytes.
     thumbnail_sizes: Annotated[list[Annotated[int, Field(ge=16, le=2048)]], NoDecode] = [
@@ -114,6 +117,4 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once; placeholder secrets refuse to start a service."""
-    from shared.safety import refuse_placeholders
-
     return refuse_placeholders(Settings())
