@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.safety import refuse_placeholders
+
 
 class Settings(BaseSettings):
     """Runtime configuration; every field maps to the upper-case environment variable."""
@@ -75,6 +77,31 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: no worker /metrics
     worker_metrics_host: str = "127.0.0.1"
+    # Hardening (issue 16; shared/safety.py). Development only: start with placeholder secrets
+    # (CHANGE_ME..., MinIO's minioadmin), and let a gateway reachable beyond loopback take
+    # writes without API_KEYS.
+    allow_insecure_defaults: bool = False
+    # The address clients reach the gateway on: uvicorn's --host, or in a container the host
+    # address its port is published on. Beyond loopback, writes need API_KEYS. Left unset,
+    # each write is judged by the local address it reached.
+    gateway_host: str = "127.0.0.1"
+    # Thumbnail sizes served (any other is refused) and the disk cache's bound in bytes.
+    thumbnail_sizes: Annotated[list[Annotated[int, Field(ge=16, le=2048)]], NoDecode] = [
+        64,
+        128,
+        256,
+        512,
+    ]
+    thumbnail_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Like RATE_LIMIT_SEARCHES, in a bucket of its own: a page of hits loads one per hit.
+    rate_limit_thumbnails: str = "6000/minute"
+
+    @field_validator("thumbnail_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [size.strip() for size in value.split(",") if size.strip()]
+        return value
 
     # Jobs. Every Redis key and the Celery queue carry CLIPSEARCH_NAMESPACE, so deployments
     # sharing one Redis stay apart; by default it is derived from MILVUS_URI and
@@ -114,5 +141,5 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    return Settings()
+    """The process-wide settings, read once; placeholder secrets refuse to start a service."""
+    return refuse_placeholders(Settings())

@@ -16,6 +16,10 @@ from pymilvus import DataType, MilvusClient, MilvusException, mkts_from_unixtime
 from shared.errors import Unavailable
 
 OUTPUT_FIELDS = ["filename", "job_id", "created_at", "width", "height", "metadata"]
+# The filename column's VarChar limit, in UTF-8 bytes. A longer value fails the whole upsert
+# (every row of the batch), so `fit_row` cuts names to it.
+FILENAME_MAX_BYTES = 1024
+ELLIPSIS = "\u2026"
 # HNSW parameters that keep recall@10 near exact search at library sizes (see BENCHMARKS.md).
 HNSW_BUILD = {"M": 16, "efConstruction": 200}
 HNSW_SEARCH_EF = 128
@@ -51,6 +55,30 @@ def literal(value: str) -> str:
     the lexer knows only these escapes, so nothing else needs (or may have) one.
     """
     return '"' + "".join(_ESCAPES.get(ch, ch) for ch in value) + '"'
+
+
+def fit_utf8(text: str, limit: int) -> str:
+    """`text` within `limit` UTF-8 bytes, cut at a character boundary.
+
+    An over-long name keeps its end (the file's own name, in an archive path) behind an
+    ellipsis: "\u2026/deep/dir/photo.jpg".
+    """
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    room = limit - len(ELLIPSIS.encode())
+    # Dropping the invalid bytes at the front of the cut leaves whole characters only.
+    return ELLIPSIS + data[len(data) - room :].decode("utf-8", "ignore")
+
+
+def fit_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row whose VarChar values fit their columns (a long archive path would fail its batch)."""
+    name = row.get("filename")
+    if isinstance(name, str):
+        fitted = fit_utf8(name, FILENAME_MAX_BYTES)
+        if fitted is not name:
+            return {**row, "filename": fitted}
+    return row
 
 
 def _released(exc: MilvusException) -> bool:
@@ -167,7 +195,7 @@ class VectorStore:
             schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("image_id", DataType.VARCHAR, max_length=64, is_primary=True)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-            schema.add_field("filename", DataType.VARCHAR, max_length=1024)
+            schema.add_field("filename", DataType.VARCHAR, max_length=FILENAME_MAX_BYTES)
             schema.add_field("job_id", DataType.VARCHAR, max_length=64)
             schema.add_field("created_at", DataType.INT64)
             schema.add_field("width", DataType.INT32)
@@ -195,7 +223,8 @@ class VectorStore:
     def upsert(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert or replace rows by image_id."""
         if rows:
-            self.client.upsert(self.collection, data=list(rows), timeout=CALL_TIMEOUT_S)
+            data = [fit_row(row) for row in rows]
+            self.client.upsert(self.collection, data=data, timeout=CALL_TIMEOUT_S)
 
     @_unavailable
     def owners(

@@ -50,6 +50,7 @@ def stack_settings(data: Path, model: Path, **extra: str) -> dict[str, str]:
         # Many modules share one stack from one address; test_access.py tests the limits.
         "RATE_LIMIT_UPLOADS": "",
         "RATE_LIMIT_SEARCHES": "",
+        "RATE_LIMIT_THUMBNAILS": "",
     }
     return {**env, **extra}
 
@@ -123,3 +124,80 @@ def wait_for_job(api: httpx.Client, job_id: str, *, timeout_s: float = 300) -> d
 def upload(api: httpx.Client, files: list[tuple[str, bytes]], **data: str) -> httpx.Response:
     """POST /v1/jobs with the given (name, bytes) files."""
     return api.post("/v1/jobs", files=[("files", (n, b)) for n, b in files], data=data)
+
+
+@pytest.fixture
+def gateway_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A factory: the gateway app in-process (TestClient) on local blobs, no Redis or Milvus.
+
+    Call it with environment settings (API_KEYS=..., GATEWAY_HOST=...); it returns the
+    TestClient and the gateway state (blobs, thumbnail cache) the routes use.
+    """
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from services.gateway import thumbnails
+    from services.gateway.main import app
+    from services.gateway.ratelimit import RateLimits
+    from shared.blobs import BlobStore
+    from shared.settings import get_settings
+
+    def make(**env: str) -> tuple[TestClient, SimpleNamespace]:
+        monkeypatch.setenv("DATA_DIR", str(tmp_path))
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+        settings = get_settings()
+
+        class NoVectors:
+            def exists(self) -> bool:
+                return False
+
+        gw = SimpleNamespace(
+            settings=settings,
+            blobs=BlobStore(settings.blob_dir),
+            thumbs=thumbnails.ThumbnailCache(
+                tmp_path / "thumbs", max_bytes=settings.thumbnail_cache_bytes
+            ),
+            rate_limits=RateLimits(redis_url=settings.redis_url, rules={}),
+            vectors=NoVectors(),
+            writes=None,
+        )
+        app.state.gw = gw
+        return TestClient(app, raise_server_exceptions=False), gw
+
+    yield make
+    get_settings.cache_clear()
+    if hasattr(app.state, "gw"):
+        del app.state.gw
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Milvus Lite server on a free port, for store tests that need nothing else."""
+    import signal
+    import subprocess
+    import sys
+
+    from services.stack import _milvus_answers
+
+    binary = Path(sys.executable).parent / "milvus-lite"
+    if not binary.exists():
+        pytest.skip("milvus-lite is not installed")
+    port = free_port()
+    data = tmp_path_factory.mktemp("milvus")
+    argv = [str(binary), "server", "--data-dir", str(data), "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--max-workers", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _milvus_answers(uri):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("milvus-lite server did not start")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the architecture notes: stop it with SIGTERM
+        proc.wait(timeout=30)

@@ -12,7 +12,8 @@ from services.cli.client import CliError, Gateway
 from services.cli.grid import make_grid
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-THUMB_SIZE = 150
+THUMB_SIZE = 150  # grid cell, px
+FETCH_SIZE = 256  # a size the gateway serves (THUMBNAIL_SIZES), scaled into the cell here
 ERRORS_SHOWN = 50
 
 
@@ -142,11 +143,11 @@ def render_hits(*, gateway: Gateway, body: dict[str, Any]) -> str:
 
 
 def write_grid(*, gateway: Gateway, body: dict[str, Any], path: Path) -> None:
-    """Fetch each hit's 150 px thumbnail and save the result grid to `path`."""
+    """Fetch each hit's thumbnail and save the result grid (150 px cells) to `path`."""
     cells = []
     for hit in body["hits"]:
         response = gateway.send_raw(
-            "GET", f"{hit['image_url']}/thumbnail", params={"size": THUMB_SIZE}
+            "GET", f"{hit['image_url']}/thumbnail", params={"size": FETCH_SIZE}
         )
         data = response.content if response.is_success else b""
         cells.append((data, f"{float(hit['score']):.3f}\n{hit.get('filename') or '-'}"))

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 
 from fastapi import Request
 
-from shared.errors import Unauthorized
+from shared.errors import Forbidden, Unauthorized
+from shared.safety import is_loopback, open_writes_exposed
 from shared.settings import get_settings
+
+OPEN_WRITES_REFUSED = (
+    "writes are refused: this gateway is reachable beyond loopback ({where}) and "
+    "API_KEYS is not set. Set API_KEYS (and send 'Authorization: Bearer KEY'), bind to "
+    "127.0.0.1, or set ALLOW_INSECURE_DEFAULTS=true on a development machine."
+)
 
 
 class KeyRequired(Unauthorized):
@@ -70,8 +78,35 @@ def check_key(request: Request) -> None:
         raise KeyRequired("the API key is not valid", code="invalid_api_key", error="invalid_token")
 
 
+def _arrived_from_beyond_loopback(request: Request) -> bool:
+    """Whether this connection came in on a non-loopback address of ours (`uvicorn --host
+    0.0.0.0` run by hand, GATEWAY_HOST left at its default); unknown (a unix socket) is no."""
+    server = request.scope.get("server")
+    if not server:
+        return False
+    try:
+        ipaddress.ip_address(server[0])
+    except ValueError:
+        return False
+    return not is_loopback(server[0])
+
+
 def require_write(request: Request) -> None:
-    """Dependency for routes that change state."""
+    """Dependency for routes that change state: never open to anyone who can reach us."""
+    settings = get_settings()
+    where = f"GATEWAY_HOST={settings.gateway_host}"
+    exposed = open_writes_exposed(settings)
+    if not exposed and "gateway_host" not in settings.model_fields_set:
+        # Not declared: judge by the address this request reached (a container publishing
+        # on loopback sets GATEWAY_HOST=127.0.0.1, as its connections arrive on eth0).
+        exposed = (
+            not settings.api_keys
+            and not settings.allow_insecure_defaults
+            and _arrived_from_beyond_loopback(request)
+        )
+        where = f"this request reached {request.scope['server'][0]}" if exposed else where
+    if exposed:
+        raise Forbidden(OPEN_WRITES_REFUSED.format(where=where), code="writes_need_api_keys")
     check_key(request)
 
 

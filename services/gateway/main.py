@@ -22,7 +22,12 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from services.gateway import admin, metrics, thumbnails
-from services.gateway.auth import client_identity, require_read, require_write
+from services.gateway.auth import (
+    OPEN_WRITES_REFUSED,
+    client_identity,
+    require_read,
+    require_write,
+)
 from services.gateway.bodylimit import MAX_SMALL_BODY, BodyLimit
 from services.gateway.ingest import Limits
 from services.gateway.metadata import parse_metadata
@@ -36,6 +41,7 @@ from shared.freshness import WriteMarks
 from shared.http import error_response, install_cors, install_error_handlers
 from shared.jobs import JobStore
 from shared.metrics import instrument, metrics_response
+from shared.safety import open_writes_exposed
 from shared.settings import Settings, get_settings
 from shared.tasks import make_celery
 from shared.vectors import VectorStore
@@ -52,7 +58,9 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.jobs = JobStore.from_settings(settings)
-        self.writes = WriteMarks(self.jobs.r, settings.milvus_collection)
+        self.writes = WriteMarks(
+            self.jobs.r, settings.milvus_collection, namespace=settings.namespace
+        )
         self.blobs = make_blob_store(settings)
         self.celery = make_celery(settings)
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
@@ -70,10 +78,17 @@ class Gateway:
         )
         self.rate_limits = RateLimits(
             redis_url=settings.redis_url,
+            namespace=settings.namespace,
             rules={
                 "uploads": parse_rule(settings.rate_limit_uploads, name="RATE_LIMIT_UPLOADS"),
                 "searches": parse_rule(settings.rate_limit_searches, name="RATE_LIMIT_SEARCHES"),
+                "thumbnails": parse_rule(
+                    settings.rate_limit_thumbnails, name="RATE_LIMIT_THUMBNAILS"
+                ),
             },
+        )
+        self.thumbs = thumbnails.ThumbnailCache(
+            settings.data_dir / "thumbs", max_bytes=settings.thumbnail_cache_bytes
         )
         # One pooled keep-alive client to the query service.
         self.query = QueryService(settings.query_url)
@@ -83,6 +98,8 @@ class Gateway:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     logs.configure("gateway", fmt=settings.log_format, level=settings.log_level)
+    if open_writes_exposed(settings):
+        log.warning(OPEN_WRITES_REFUSED.format(where=f"GATEWAY_HOST={settings.gateway_host}"))
     app.state.gw = Gateway(settings)
     yield
     await app.state.gw.query.close()
@@ -256,7 +273,7 @@ def cancel_job(request: Request, job_id: JobId) -> dict[str, Any]:
 def get_image(request: Request, image_id: ImageId) -> Response:
     """The stored bytes of an image, with their content type."""
     blobs = gw(request).blobs
-    cache = {"Cache-Control": "public, max-age=31536000, immutable"}
+    cache = _cache_control()
     path = blobs.local_path(image_id)
     if path is None:  # no local file (S3, or missing: get() raises NotFound)
         data = blobs.get(image_id)
@@ -264,18 +281,25 @@ def get_image(request: Request, image_id: ImageId) -> Response:
     return FileResponse(path, media_type=_media_type(path), headers=cache)
 
 
-@app.get("/v1/images/{image_id}/thumbnail", dependencies=[Depends(require_read)])
-def get_thumbnail(
-    request: Request, image_id: ImageId, size: Annotated[int, Query(ge=16, le=1024)] = 256
-) -> Response:
-    """A small JPEG of the image (EXIF orientation applied), made once and cached on disk."""
+@app.get(
+    "/v1/images/{image_id}/thumbnail",
+    dependencies=[Depends(require_read), Depends(limit("thumbnails"))],
+)
+def get_thumbnail(request: Request, image_id: ImageId, size: int | None = None) -> Response:
+    """A small JPEG of the image (EXIF orientation applied) in one of THUMBNAIL_SIZES."""
     g = gw(request)
-    data = thumbnails.thumbnail(g.blobs, image_id, size=size, cache=g.settings.data_dir / "thumbs")
-    return Response(
-        data,
-        media_type="image/jpeg",
-        headers={"Cache-Control": "public, max-age=31536000, immutable"},
-    )
+    allowed = g.settings.thumbnail_sizes
+    if size is None:  # the configured size nearest 256
+        size = min(allowed, key=lambda s: abs(s - 256)) if allowed else 256
+    thumbnails.check_size(size, allowed)
+    data = thumbnails.thumbnail(g.blobs, image_id, size=size, cache=g.thumbs)
+    return Response(data, media_type="image/jpeg", headers=_cache_control())
+
+
+def _cache_control() -> dict[str, str]:
+    """Bytes never change under an id; shared caches may keep them only when reads are open."""
+    scope = "private" if get_settings().api_keys_on_reads else "public"
+    return {"Cache-Control": f"{scope}, max-age=31536000, immutable"}
 
 
 class ImageIds(BaseModel):
@@ -306,10 +330,14 @@ def _media_type(source: Path | io.BytesIO) -> str:
 def delete_image(request: Request, image_id: ImageId) -> dict[str, Any]:
     """Remove an image's vector and bytes."""
     g = gw(request)
+    # Bytes first: a crash in between leaves a vector without bytes, which
+    # `clipsearch admin check --repair` removes; the other order would leave bytes that a
+    # repair embeds again, bringing the deleted image back.
+    had_blob = g.blobs.delete(image_id)
+    g.thumbs.purge(image_id)
     removed = g.vectors.delete(image_id) if g.vectors.exists() else 0
     if removed:
         g.writes.mark()  # searches from now on must not return it
-    had_blob = g.blobs.delete(image_id)
     if not removed and not had_blob:
         raise NotFound(f"no image {image_id}", code="image_not_found")
     return {"image_id": image_id, "deleted": True}

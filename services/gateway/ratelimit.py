@@ -54,7 +54,9 @@ def _async_uri(redis_url: str) -> str:
 class RateLimits:
     """The configured limits and the moving-window limiter that counts hits in Redis."""
 
-    def __init__(self, *, redis_url: str, rules: dict[str, list[RateLimitItem]]) -> None:
+    def __init__(
+        self, *, redis_url: str, rules: dict[str, list[RateLimitItem]], namespace: str = ""
+    ) -> None:
         self.rules = rules
         self.limiter: MovingWindowRateLimiter | None = None
         if any(rules.values()):
@@ -62,6 +64,7 @@ class RateLimits:
                 _async_uri(redis_url),
                 implementation="redispy",
                 wrap_exceptions=True,
+                key_prefix=f"{namespace}:limits" if namespace else "LIMITS",
                 socket_timeout=REDIS_TIMEOUT_S,
                 socket_connect_timeout=REDIS_TIMEOUT_S,
             )

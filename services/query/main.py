@@ -80,7 +80,9 @@ class Searcher:
             index=settings.milvus_index,
             consistency=settings.milvus_search_consistency,
         )
-        self.writes = WriteMarks.from_url(settings.redis_url, settings.milvus_collection)
+        self.writes = WriteMarks.from_url(
+            settings.redis_url, settings.milvus_collection, namespace=settings.namespace
+        )
         self.load_error: str | None = None
         self.runner = ModelRunner()  # every forward pass of this process runs on its thread
         self._text_cache = lru_cache(maxsize=1024)(self._encode_text)

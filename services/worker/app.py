@@ -58,7 +58,7 @@ def get_pipeline() -> Pipeline:
             ),
             blobs=make_blob_store(settings),
             jobs=jobs,
-            writes=WriteMarks(jobs.r, settings.milvus_collection),
+            writes=WriteMarks(jobs.r, settings.milvus_collection, namespace=settings.namespace),
             max_pixels=settings.max_image_pixels,
             pool=ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)),
             io=ThreadPoolExecutor(max_workers=1),

