@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up down status test lint format bench clean
+.PHONY: install demo up down status test unit lint format bench chaos clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ format: install
 
 test: lint
 	$(PY) -m pytest
+
+# The fast loop: tests that start no whole stack and nothing slow (see pytest markers).
+unit: install
+	$(PY) -m pytest tests/unit -q -m "not stack and not slow"
 
 # Speed figures beside their baselines, one run (see BENCHMARKS.md); BENCH_ARGS=--full for
 # the full sizes.

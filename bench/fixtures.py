@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from shared.tinymodel import build_processor, build_tiny_clip
+from services.demo.tokenizer import build_processor
+from tests.support.tinymodel import build_tiny_clip
 
 
 def photo_like(seed: int, *, size: tuple[int, int] = (500, 375)) -> bytes:

@@ -16,7 +16,17 @@ import redis
 
 from services.stack import Stack
 from shared.settings import Settings
-from shared.tinymodel import build_tiny_clip
+from tests.support.tinymodel import build_tiny_clip
+
+# Fixtures that start the whole stack (Redis, Milvus, query, worker, gateway): tests that use
+# one are marked `stack`; `make unit` runs the others.
+FULL_STACK = frozenset({"stack", "api", "rstack", "rapi", "neighbour"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if FULL_STACK & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
 
 
 def free_port() -> int:

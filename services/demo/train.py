@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from services.demo.fashion import CLASS_PROMPTS, CLASSES, IMAGE_SIZE, load_split, to_image
-from shared.tinymodel import build_processor
+from services.demo.tokenizer import build_processor
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,8 @@ from shared.s3 import S3BlobStore
 from shared.settings import Settings
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow  # runs an S3 server (SeaweedFS)
+
 
 @dataclass(frozen=True)
 class S3Server:

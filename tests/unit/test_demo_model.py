@@ -29,6 +29,8 @@ from services.demo.fashion import (
 )
 from shared.encoder import ClipEncoder
 
+pytestmark = pytest.mark.slow  # trains the demo model
+
 _CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
 
 

@@ -175,6 +175,7 @@ def _check_scaled_object(obj: Doc, docs: list[Doc]) -> None:
             int(metadata["listLength"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["gpu", "cpu", "all-components"])
 @pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
 def test_manifests_match_kubernetes_schemas(rendered, variant, k8s_version):

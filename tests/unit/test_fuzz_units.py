@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.gateway.ingest import _WHY, Candidate, Limits, Rejection, clean_filename, expand
-from services.stack import Stack
 from shared.vectors import SearchFilters, VectorStore
 from tests.images import encode, make_image
+
+pytestmark = pytest.mark.slow  # long property searches
 
 LIMITS = Limits(
     max_file_bytes=50_000, max_image_pixels=40_000, max_archive_entries=8, max_archive_bytes=120_000
@@ -128,10 +129,8 @@ def test_expand_takes_any_tar(data: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def tagged(stack: Stack) -> VectorStore:
-    store = VectorStore(
-        uri=stack.settings.milvus_uri, token=None, collection=f"fuzz_{uuid.uuid4().hex[:8]}"
-    )
+def tagged(milvus_uri: str) -> VectorStore:
+    store = VectorStore(uri=milvus_uri, token=None, collection=f"fuzz_{uuid.uuid4().hex[:8]}")
     store.ensure_collection(dim=4)
     return store
 

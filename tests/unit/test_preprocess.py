@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from services.demo.tokenizer import build_processor
 from shared.preprocess import ClipPreprocess
-from shared.tinymodel import build_processor
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, cast
@@ -14,7 +15,6 @@ from celery import Celery
 
 from services.gateway.ingest import Limits
 from services.gateway.submit import submit_job
-from services.stack import Stack
 from shared.blobs import BlobStore
 from shared.errors import PayloadTooLarge, Unavailable
 from shared.jobs import JobStore
@@ -69,8 +69,8 @@ class RecordingBroker:
 
 
 @pytest.fixture
-def jobs(stack: Stack) -> JobStore:
-    return JobStore.from_url(stack.settings.redis_url)
+def jobs(redis_url: str) -> JobStore:
+    return JobStore.from_url(redis_url, namespace=f"t{uuid.uuid4().hex[:8]}")
 
 
 def images(n: int, offset: int = 0) -> list[tuple[str, bytes]]:

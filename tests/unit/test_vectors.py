@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 import shared.vectors as vectors_module
-from services.stack import Stack
 from shared.errors import Unavailable
 from shared.vectors import SearchFilters, VectorStore, literal
 
 
 @pytest.fixture
-def store(stack: Stack) -> VectorStore:
+def store(milvus_uri: str) -> VectorStore:
     vs = VectorStore(
-        uri=stack.settings.milvus_uri,
+        uri=milvus_uri,
         token=None,
         collection=f"t_{uuid.uuid4().hex[:8]}",
         index="HNSW",
@@ -87,12 +86,13 @@ def test_unreachable_milvus_is_unavailable() -> None:
     assert err.value.code == "milvus_unavailable"
 
 
+@pytest.mark.slow  # 3,000 rows
 def test_selective_filters_are_answered_exactly(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
+    milvus_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 8 images of one job among 3,000: HNSW under such a filter found only some of them.
     vs = VectorStore(
-        uri=stack.settings.milvus_uri,
+        uri=milvus_uri,
         token=None,
         collection=f"t_{uuid.uuid4().hex[:8]}",
         index="HNSW",
