@@ -13,7 +13,7 @@ from celery import Task
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from pymilvus import MilvusException
 
-from services.worker import metrics  # first: it sets up multiprocess metrics and logging
+from services.worker import metrics  # its signal handlers: metrics, JSON logs
 from services.worker.pipeline import Pipeline
 from services.worker.sweeper import Sweeper
 from shared.blobs import make_blob_store
@@ -64,6 +64,7 @@ def get_pipeline() -> Pipeline:
             io=ThreadPoolExecutor(max_workers=1),
             forward_batch=settings.clip_batch_size,
             draft=4 * encoder.input_size if settings.decode_draft else None,
+            observe=metrics.observe_stages,
         )
     return _pipeline
 

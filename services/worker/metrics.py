@@ -1,47 +1,25 @@
-"""Worker metrics and logs, hooked in through Celery signals and the pipeline's batch log line.
+"""Worker metrics and logs, wired through Celery signals and the pipeline's stage observer.
 
 Batches run in prefork pool children, separate processes: each counts into files under
 PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode) and the worker's main process
-serves their sum on WORKER_METRICS_PORT. The directory must be chosen before prometheus_client
-is first imported, hence the code above the imports below.
+serves their sum on WORKER_METRICS_PORT. The directory is chosen when the worker starts
+(`worker_init`, before the pool forks) and the metrics are made on first use after that, so
+importing this module changes nothing.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
+from functools import cache
+from typing import Any
 
-
-def _multiprocess_dir() -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return  # chosen by whoever runs the worker
-    path = tempfile.mkdtemp(prefix="clipsearch-worker-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # pool children inherit it
-    owner = os.getpid()
-
-    def remove() -> None:
-        if os.getpid() == owner:  # not in a pool child that happens to run atexit hooks
-            shutil.rmtree(path, ignore_errors=True)
-
-    atexit.register(remove)
-
-
-_multiprocess_dir()
-
-import logging  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
-from typing import Any  # noqa: E402
-
-from celery.signals import (  # noqa: E402
-    setup_logging,
-    task_postrun,
-    task_prerun,
-    worker_init,
-    worker_shutdown,
-)
-from prometheus_client import (  # noqa: E402
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_init, worker_shutdown
+from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
@@ -50,31 +28,55 @@ from prometheus_client import (  # noqa: E402
     values,
 )
 
-from shared import logs  # noqa: E402
-from shared.jobs import ItemResult, JobStore  # noqa: E402
-from shared.settings import get_settings  # noqa: E402
-from shared.tasks import EMBED_TASK  # noqa: E402
+from shared import logs
+from shared.jobs import ItemResult, JobStore
+from shared.settings import get_settings
+from shared.tasks import EMBED_TASK
 
 log = logging.getLogger(__name__)
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-BATCHES = Counter(
-    "clipsearch_worker_batches_total", "Embed batches run, by Celery state", ["state"]
-)
-BATCH_IMAGES = Histogram(
-    "clipsearch_worker_batch_images",
-    "Images per embed batch",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
-)
-IMAGES = Counter(
-    "clipsearch_worker_images_total", "Images counted into their jobs, by outcome", ["outcome"]
-)
-ERRORS = Counter("clipsearch_worker_errors_total", "Images that failed, by error code", ["code"])
-STAGE_SECONDS = Histogram(
-    "clipsearch_worker_stage_seconds",
-    "Seconds per batch in each pipeline stage (lookup, decode, encode, upsert, record)",
-    ["stage"],
-    buckets=STAGE_BUCKETS,
-)
+
+
+class WorkerMetrics:
+    """The worker's series (made after the multiprocess directory is chosen)."""
+
+    def __init__(self) -> None:
+        self.batches = Counter(
+            "clipsearch_worker_batches_total", "Embed batches run, by Celery state", ["state"]
+        )
+        self.batch_images = Histogram(
+            "clipsearch_worker_batch_images",
+            "Images per embed batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+        )
+        self.images = Counter(
+            "clipsearch_worker_images_total",
+            "Images counted into their jobs, by outcome",
+            ["outcome"],
+        )
+        self.errors = Counter(
+            "clipsearch_worker_errors_total", "Images that failed, by error code", ["code"]
+        )
+        self.stage_seconds = Histogram(
+            "clipsearch_worker_stage_seconds",
+            "Seconds per batch in each pipeline stage (lookup, decode, encode, upsert, record)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+        )
+
+
+@cache
+def metrics() -> WorkerMetrics:
+    """This process's series, made on first use."""
+    return WorkerMetrics()
+
+
+def observe_stages(timings: Mapping[str, float]) -> None:
+    """The pipeline's stage observer: seconds per stage of one batch."""
+    for stage, seconds in timings.items():
+        metrics().stage_seconds.labels(stage).observe(seconds)
+
+
 _server: Any = None
 _job_tokens: dict[str, Any] = {}
 
@@ -86,25 +88,10 @@ class MeteredJobStore(JobStore):
         results = list(results)
         state = super().record(job_id, results, batch=batch)
         for res in results:
-            IMAGES.labels(res.outcome).inc()
+            metrics().images.labels(res.outcome).inc()
             if res.outcome == "failed":
-                ERRORS.labels(res.code or "unknown").inc()
+                metrics().errors.labels(res.code or "unknown").inc()
         return state
-
-
-class StageTimings(logging.Handler):
-    """Observe the per-stage seconds the pipeline logs with each batch (`extra["stages"]`)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        stages = getattr(record, "stages", None)
-        if isinstance(stages, dict):
-            for stage, seconds in stages.items():
-                STAGE_SECONDS.labels(str(stage)).observe(float(seconds))
-
-
-_pipeline_log = logging.getLogger("services.worker.pipeline")
-_pipeline_log.addHandler(StageTimings(logging.INFO))
-_pipeline_log.setLevel(logging.INFO)  # the batch line is made even when LOG_LEVEL hides it
 
 
 @setup_logging.connect  # type: ignore[untyped-decorator]
@@ -133,19 +120,34 @@ def _batch_done(
     if token is not None:
         logs.JOB_ID.reset(token)
     if getattr(task, "name", None) == EMBED_TASK:
-        BATCHES.labels(state or "UNKNOWN").inc()
-        BATCH_IMAGES.observe(len((kwargs or {}).get("items") or []))
+        metrics().batches.labels(state or "UNKNOWN").inc()
+        metrics().batch_images.observe(len((kwargs or {}).get("items") or []))
+
+
+def _multiprocess_dir() -> None:
+    """Count into files that the pool children share (a directory of our own unless the
+    environment names one); series made from now on use it."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        path = tempfile.mkdtemp(prefix="clipsearch-worker-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # pool children inherit it
+        owner = os.getpid()
+
+        def remove() -> None:
+            if os.getpid() == owner:  # not in a pool child that happens to run atexit hooks
+                shutil.rmtree(path, ignore_errors=True)
+
+        atexit.register(remove)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _serve(**_: Any) -> None:
     """In the worker's main process: serve every pool child's series on WORKER_METRICS_PORT."""
     global _server
+    _multiprocess_dir()
     settings = get_settings()
     if not settings.worker_metrics_port:
         return
-    if values.ValueClass is values.MutexValue:
-        log.warning("prometheus_client was imported early: pool children's series are not shared")
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     try:

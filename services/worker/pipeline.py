@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -83,6 +83,8 @@ class Pipeline:
     forward_batch: int = 32
     first_batch: int = 8
     draft: int | None = None  # decode large JPEGs at reduced scale, short side >= this
+    # Told each batch's seconds per stage (the worker wires it to Prometheus).
+    observe: Callable[[Mapping[str, float]], None] | None = None
 
     def _load(self, item: BatchItem) -> tuple[BatchItem, Prepared | DecodeError]:
         """Fetch, decode and preprocess one image (runs in the pool, beside the model)."""
@@ -172,6 +174,8 @@ class Pipeline:
             " ".join(f"{k}={v * 1000:.0f}ms" for k, v in stages.timings.items()),
             extra={"job_id": job_id, "stages": stages.timings},
         )
+        if self.observe is not None:
+            self.observe(stages.timings)
         return state
 
     def fail_all(
