@@ -13,7 +13,7 @@ from transformers import AutoProcessor, CLIPModel
 
 from bench.fixtures import jpeg_set, tiny, tiny_png_set, vit_b32
 from bench.harness import ROOT, Table, private_stack, run_job
-from shared.encoder import ClipEncoder
+from shared.ml.encoder import ClipEncoder
 
 
 def model_only(

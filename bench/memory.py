@@ -14,7 +14,7 @@ from bench.harness import ROOT, Table
 # Run in a child: load, warm up, then report the peak and the resident set after loading.
 _CHILD = """
 import gc, json, resource, sys
-from shared.encoder import BOTH, IMAGE_ONLY, ClipEncoder
+from shared.ml.encoder import BOTH, IMAGE_ONLY, ClipEncoder
 
 def rss():
     for line in open("/proc/self/status"):

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from bench.harness import ROOT, Table
-from shared.encoder import ClipEncoder
+from shared.ml.encoder import ClipEncoder
 
 
 def compare(

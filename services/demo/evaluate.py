@@ -20,7 +20,7 @@ from services.demo.fashion import CLASS_PROMPTS, label_of, write_images
 
 
 class EncoderLike(Protocol):
-    """What precision_at_k needs: shared.encoder.ClipEncoder has it."""
+    """What precision_at_k needs: shared.ml.encoder.ClipEncoder has it."""
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
@@ -81,7 +81,7 @@ def evaluate_model(
     k: int = 10,
 ) -> dict[str, float]:
     """Per-class precision@k of a saved model on `per_class` test images of each class."""
-    from shared.encoder import ClipEncoder
+    from shared.ml.encoder import ClipEncoder
 
     where = image_dir or cache_dir / f"test-images-{per_class}"
     paths = write_images(where, cache_dir=cache_dir, per_class=per_class, split="test")

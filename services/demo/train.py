@@ -4,7 +4,7 @@
 
 The checkpoint is a plain `transformers.CLIPModel` plus `CLIPProcessor` (real CLIP tokenizer,
 CLIP image processor at the vision tower's size) saved with save_pretrained, so
-`shared.encoder.ClipEncoder(model=str(out))` loads it like any CLIP checkpoint.
+`shared.ml.encoder.ClipEncoder(model=str(out))` loads it like any CLIP checkpoint.
 """
 
 from __future__ import annotations

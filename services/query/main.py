@@ -22,11 +22,11 @@ from services.gateway.ingest import dimension_problem
 from services.query.batching import ModelRunner
 from services.worker.decode import DecodeError, decode_image
 from shared import logs
-from shared.encoder import BOTH, ClipEncoder
 from shared.errors import InvalidInput, Unavailable
 from shared.freshness import WriteMarks
 from shared.http import error_response, install_cors, install_error_handlers
 from shared.metrics import LATENCY_BUCKETS, instrument, metrics_response
+from shared.ml.encoder import BOTH, ClipEncoder
 from shared.settings import Settings, get_settings
 from shared.vectors import SearchFilters, VectorStore
 

@@ -17,10 +17,10 @@ from services.worker import metrics  # its signal handlers: metrics, JSON logs
 from services.worker.pipeline import Pipeline
 from services.worker.sweeper import Sweeper
 from shared.blobs import make_blob_store
-from shared.encoder import IMAGE_ONLY, ClipEncoder
 from shared.errors import Unavailable
 from shared.freshness import WriteMarks
 from shared.jobs import FINAL_STATES, JobStore
+from shared.ml.encoder import IMAGE_ONLY, ClipEncoder
 from shared.settings import get_settings
 from shared.tasks import EMBED_TASK, BatchItem, enqueue_batch, make_celery, queue_key
 from shared.vectors import VectorStore

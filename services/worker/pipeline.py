@@ -15,10 +15,10 @@ import torch
 
 from services.worker.decode import DecodeError, decode_sized
 from shared.blobs import BlobStore
-from shared.encoder import ClipEncoder
 from shared.errors import NotFound, Unavailable
 from shared.freshness import WriteMarks
 from shared.jobs import FINAL_STATES, ItemResult, JobStore, Outcome
+from shared.ml.encoder import ClipEncoder
 from shared.tasks import BatchItem
 from shared.vectors import VectorStore
 

@@ -16,7 +16,7 @@ import pytest
 from services.demo.evaluate import precision_at_k
 from services.demo.fashion import CLASS_PROMPTS, CLASS_SLUGS, label_of, write_images
 from services.demo.train import ensure_demo_model
-from shared.encoder import ClipEncoder
+from shared.ml.encoder import ClipEncoder
 from tests.conftest import running_stack, stack_settings, upload, wait_for_job
 
 CACHE = Path(__file__).resolve().parents[2] / "data" / "test-cache"

@@ -27,7 +27,7 @@ from services.demo.fashion import (
     to_image,
     write_images,
 )
-from shared.encoder import ClipEncoder
+from shared.ml.encoder import ClipEncoder
 
 pytestmark = pytest.mark.slow  # trains the demo model
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import shared.encoder as encoder_module
-from shared.encoder import BOTH, IMAGE_ONLY, ClipEncoder, fast_bfloat16, int8_text, pick_dtype
+import shared.ml.encoder as encoder_module
+import shared.ml.policy as policy_module
 from shared.errors import ModelLoadError
+from shared.ml.encoder import BOTH, IMAGE_ONLY, ClipEncoder
+from shared.ml.policy import fast_bfloat16, int8_text, pick_dtype
 from tests.images import make_image
 
 
@@ -75,9 +77,9 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(
     old.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\nbugs\t: avx512_bf16\n")
     assert fast_bfloat16(amx) and fast_bfloat16(avx)
     assert not fast_bfloat16(old) and not fast_bfloat16(tmp_path / "missing")
-    monkeypatch.setattr(encoder_module, "fast_bfloat16", lambda: False)
+    monkeypatch.setattr(policy_module, "fast_bfloat16", lambda: False)
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(encoder_module, "fast_bfloat16", lambda: True)
+    monkeypatch.setattr(policy_module, "fast_bfloat16", lambda: True)
     assert pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert pick_dtype("auto", torch.device("cuda")) == torch.float16
     assert pick_dtype("float32", torch.device("cpu")) == torch.float32
@@ -102,7 +104,8 @@ def int8(tiny_model: Path) -> ClipEncoder:
 
 def test_int8_tower_is_a_quantized_copy_beside_the_model(int8: ClipEncoder) -> None:
     dynamic = torch.ao.nn.quantized.dynamic.Linear
-    solo = int8._solo
+    assert int8.text is not None
+    solo = int8.text.solo
     assert solo is not None
     assert not [m for m in solo.modules() if type(m) is torch.nn.Linear], "a float Linear left"
     assert isinstance(solo.text_projection, dynamic)
@@ -163,7 +166,7 @@ def test_int8_falls_back_under_auto_and_fails_clearly_when_asked(
     with pytest.raises(ModelLoadError) as err:
         ClipEncoder(model=str(tiny_model), device="cpu", dtype="bfloat16", text_quant="int8")
     assert err.value.code == "no_int8_engine" and "CLIP_TEXT_QUANT" in err.value.detail
-    monkeypatch.setattr(encoder_module, "_has_int8", lambda: False)
+    monkeypatch.setattr(policy_module, "_has_int8", lambda: False)
     assert not int8_text("auto", dtype="auto", device=torch.device("cpu"))
     with pytest.raises(ModelLoadError):
         int8_text("int8", dtype="auto", device=torch.device("cpu"))

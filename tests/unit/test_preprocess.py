@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from services.demo.tokenizer import build_processor
-from shared.preprocess import ClipPreprocess
+from shared.ml.preprocess import ClipPreprocess
 
 
 @pytest.fixture(scope="module")
