@@ -100,6 +100,12 @@ class BlobStore:
             return False
         return True
 
+    def ping(self) -> bool:
+        """Whether the store can be written (its root is a writable directory)."""
+        if not (self.root.is_dir() and os.access(self.root, os.W_OK | os.X_OK)):
+            raise OSError(f"BLOB_DIR {self.root} is not a writable directory")
+        return True
+
     def listing(self) -> Iterator[tuple[str, float]]:
         """Every key stored, with when it was written (Unix time)."""
         for first in sorted(self.root.iterdir()):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import PayloadTooLarge
-from shared.http import error_response
+from shared.web.http import error_response
 
 # JSON bodies (search, image-id lookups of up to 10,000 ids) are far smaller than this.
 MAX_SMALL_BODY = 2 * 1024 * 1024

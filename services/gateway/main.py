@@ -38,13 +38,14 @@ from shared import logs
 from shared.blobs import make_blob_store
 from shared.errors import InvalidInput, NotFound, PayloadTooLarge
 from shared.freshness import WriteMarks
-from shared.http import error_response, install_cors, install_error_handlers
 from shared.jobs import JobStore
-from shared.metrics import instrument, metrics_response
 from shared.safety import open_writes_exposed
 from shared.settings import Settings, get_settings
 from shared.tasks import make_celery
 from shared.vectors import VectorStore
+from shared.web.health import Probe, health_router
+from shared.web.http import install_cors, install_error_handlers
+from shared.web.metrics import instrument, metrics_response
 
 log = logging.getLogger(__name__)
 JobId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$")]
@@ -377,6 +378,22 @@ async def search_image(request: Request) -> Response:
 app.include_router(admin.router)
 
 
+def _probes(request: Request) -> dict[str, Probe]:
+    g = gw(request)
+
+    def milvus() -> None:
+        try:
+            g.vectors.ping()
+        except Exception:
+            g.vectors.reset()  # the next call reconnects
+            raise
+
+    return {"redis": g.jobs.ping, "milvus": milvus, "blobs": g.blobs.ping}
+
+
+app.include_router(health_router(_probes))
+
+
 @app.get("/", include_in_schema=False)
 def index() -> FileResponse:
     """The web page: search, upload, jobs."""
@@ -390,29 +407,3 @@ app.mount("/static", StaticFiles(directory=STATIC), name="static")
 def prometheus_metrics() -> Response:
     """Prometheus series: requests by route and status, latency, jobs, images, 429s."""
     return metrics_response()
-
-
-@app.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is alive."""
-    return {"status": "ok"}
-
-
-@app.get("/readyz")
-def readyz(request: Request) -> JSONResponse:
-    """Redis and Milvus are usable."""
-    g = gw(request)
-    checks = {"redis": _check(g.jobs.ping), "milvus": _check(g.vectors.ping)}
-    if all(v == "ok" for v in checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks})
-    if checks["milvus"] != "ok":
-        g.vectors.reset()
-    return error_response(503, "not_ready", "a dependency is unavailable", checks=checks)
-
-
-def _check(probe: Any) -> str:
-    try:
-        probe()
-    except Exception as exc:  # any failure means not ready; say which
-        return f"error: {exc.__class__.__name__}: {str(exc)[:200]}"
-    return "ok"

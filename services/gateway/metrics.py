@@ -1,4 +1,4 @@
-"""The gateway's own Prometheus series (requests and latency come from shared.metrics)."""
+"""The gateway's own Prometheus series (requests and latency come from shared.web.metrics)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from prometheus_client import Histogram
 from pydantic import BaseModel, Field, field_validator
 
@@ -24,11 +23,12 @@ from services.worker.decode import DecodeError, decode_image
 from shared import logs
 from shared.errors import InvalidInput, Unavailable
 from shared.freshness import WriteMarks
-from shared.http import error_response, install_cors, install_error_handlers
-from shared.metrics import LATENCY_BUCKETS, instrument, metrics_response
 from shared.ml.encoder import BOTH, ClipEncoder
 from shared.settings import Settings, get_settings
 from shared.vectors import SearchFilters, VectorStore
+from shared.web.health import Probe, health_router
+from shared.web.http import install_cors, install_error_handlers
+from shared.web.metrics import LATENCY_BUCKETS, instrument, metrics_response
 
 log = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 100_000  # the model reads the first 77 tokens; the rest is dropped
@@ -250,26 +250,23 @@ def prometheus_metrics() -> Response:
     return metrics_response()
 
 
-@app.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is alive."""
-    return {"status": "ok"}
-
-
-@app.get("/readyz")
-def readyz(request: Request) -> JSONResponse:
-    """The model is loaded and warm, and Milvus answers."""
+def _probes(request: Request) -> dict[str, Probe]:
     searcher = _searcher(request)
-    checks: dict[str, str] = {}
-    checks["model"] = "ok" if searcher.encoder else (searcher.load_error or "loading")
-    try:
-        searcher.vectors.ping()
-        checks["milvus"] = "ok"
-    except Exception as exc:
-        searcher.vectors.reset()
-        checks["milvus"] = f"error: {exc.__class__.__name__}"
-    if all(v == "ok" for v in checks.values()):
-        return JSONResponse(
-            {"status": "ready", "model": searcher.settings.clip_model, "checks": checks}
-        )
-    return error_response(503, "not_ready", "the model or Milvus is not ready", checks=checks)
+
+    def model() -> None:
+        if searcher.encoder is None:
+            raise RuntimeError(searcher.load_error or "loading")
+
+    def milvus() -> None:
+        try:
+            searcher.vectors.ping()
+        except Exception:
+            searcher.vectors.reset()  # the next call reconnects
+            raise
+
+    return {"model": model, "milvus": milvus}
+
+
+app.include_router(
+    health_router(_probes, model=lambda request: _searcher(request).settings.clip_model)
+)

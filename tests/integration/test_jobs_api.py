@@ -132,7 +132,7 @@ def test_bad_requests_get_stable_codes(api: httpx.Client) -> None:
 def test_health_and_readiness(api: httpx.Client) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
     ready = api.get("/readyz").json()
-    assert ready["checks"] == {"redis": "ok", "milvus": "ok"}
+    assert ready["checks"] == {"redis": "ok", "milvus": "ok", "blobs": "ok"}
 
 
 def test_a_long_non_ascii_archive_path_does_not_fail_its_batch(api: httpx.Client) -> None:
