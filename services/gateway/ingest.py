@@ -6,15 +6,25 @@ import io
 import lzma
 import posixpath
 import re
-import tarfile
 import unicodedata
 import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
+
+from services.gateway.archives import (
+    MAX_LONG_NAME,
+    MAX_PAX_HEADER,
+    ArchiveError,
+    Budget,
+    kind_of,
+    tar_entries,
+    zip_entries,
+)
 
 FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"})
 # CLIP scales the shorter side to 224 px: a 60000x1 strip would become 3 billion pixels in the
@@ -24,7 +34,7 @@ MAX_ASPECT_RATIO = 100
 # archive is one rejection, never a 500. RuntimeError: an encrypted zip entry.
 BAD_ARCHIVE = (
     zipfile.BadZipFile,
-    tarfile.TarError,
+    ArchiveError,
     EOFError,
     OSError,
     NotImplementedError,
@@ -76,19 +86,9 @@ def clean_filename(name: str | bytes | None) -> str:
     return name[-255:] or "unnamed"
 
 
-def is_archive(filename: str, data: bytes) -> str | None:
+def is_archive(filename: str, data: bytes | BinaryIO) -> str | None:
     """'zip' or 'tar' when the bytes are such an archive, judged by content not name."""
-    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return "zip"
-    if len(data) > 262 and data[257:262] == b"ustar":
-        return "tar"
-    if filename.lower().endswith((".tar", ".tar.gz", ".tgz")):
-        try:
-            with tarfile.open(fileobj=io.BytesIO(data)):
-                return "tar"
-        except BAD_ARCHIVE:
-            return None
-    return None
+    return kind_of(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
 def inspect_image(filename: str, data: bytes, limits: Limits) -> Candidate | Rejection:
@@ -144,85 +144,49 @@ def _safe_member(name: str) -> str | None:
     return norm
 
 
-def _archive_entries(
-    kind: str, data: bytes, limits: Limits
-) -> Iterator[tuple[str, bytes | None, str]]:
-    """(name, bytes or None, why-not) for each regular entry, enforcing the archive limits."""
-    count, expanded = 0, 0
-
-    def budget(name: str, size: int) -> str:
-        nonlocal count, expanded
-        count += 1
-        expanded += size
-        if count > limits.max_archive_entries:
-            return "archive_too_many_entries"
-        if size > limits.max_file_bytes or expanded > limits.max_archive_bytes:
-            return "archive_too_large"
-        return ""
-
-    if kind == "zip":
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            for info in zf.infolist():
-                if not info.filename:  # no name at all: nothing safe to call it
-                    yield "", None, "unsafe_path"
-                    continue
-                if info.is_dir():
-                    continue
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    yield info.filename, None, "archive_link"
-                    continue
-                why = budget(info.filename, info.file_size)
-                if why:
-                    yield info.filename, None, why
-                    if why == "archive_too_many_entries":
-                        return
-                    continue
-                with zf.open(info) as fh:  # read at most the declared size plus one byte
-                    body = fh.read(info.file_size + 1)
-                yield info.filename, body[: info.file_size], ""
-    else:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-            for member in tf:
-                if member.isdir():
-                    continue
-                if member.issym() or member.islnk():
-                    yield member.name, None, "archive_link"
-                    continue
-                if not member.isfile():
-                    yield member.name, None, "archive_special_file"
-                    continue
-                why = budget(member.name, member.size)
-                if why:
-                    yield member.name, None, why
-                    if why == "archive_too_many_entries":
-                        return
-                    continue
-                extracted = tf.extractfile(member)
-                yield member.name, extracted.read() if extracted else b"", ""
-
-
 _WHY = {
     "archive_link": "links inside archives are not followed",
     "archive_special_file": "only regular files are read from archives",
     "archive_too_large": "the archive expands beyond the configured size limit",
     "archive_too_many_entries": "the archive has more entries than allowed",
+    "archive_header_too_large": (
+        f"a tar long-name header over {MAX_LONG_NAME} bytes or a pax header over "
+        f"{MAX_PAX_HEADER} bytes; the archive is not read further"
+    ),
     "unsafe_path": "the entry's path leaves the archive (absolute or '..')",
     "nested_archive": "archives inside archives are not expanded",
     "empty_archive": "the archive holds no files",
+    "request_too_large": "the request's files expand beyond the configured size limit",
 }
 
 
-def expand(filename: str, data: bytes, limits: Limits) -> Iterator[Candidate | Rejection]:
-    """Every image the upload holds: itself, or each entry of a zip/tar, validated."""
-    kind = is_archive(filename, data)
+def expand(
+    filename: str, data: bytes | BinaryIO, limits: Limits, budget: Budget | None = None
+) -> Iterator[Candidate | Rejection]:
+    """Every image the upload holds: itself, or each entry of a zip/tar, validated.
+
+    `budget` is the request's: every file and archive entry it expands to is charged to it.
+    """
+    fileobj = io.BytesIO(data) if isinstance(data, bytes) else data
+    if budget is None:
+        budget = Budget(max_entries=limits.max_archive_entries, max_bytes=limits.max_archive_bytes)
+    kind = kind_of(fileobj)
     if kind is None:
-        yield inspect_image(filename, data, limits)
+        fileobj.seek(0)
+        whole = fileobj.read(limits.max_file_bytes + 1)
+        if not budget.charge(min(len(whole), limits.max_file_bytes)):
+            yield Rejection(filename, "archive_too_large", _WHY["request_too_large"])
+            return
+        yield inspect_image(filename, whole, limits)
         return
+    entries = zip_entries if kind == "zip" else tar_entries
     found = 0
     try:
-        for name, body, why in _archive_entries(kind, data, limits):
+        for name, body, why in entries(
+            fileobj, budget=budget, max_file_bytes=limits.max_file_bytes
+        ):
             found += 1
-            shown = f"{filename}/{clean_filename(name)}"
+            shown = f"{filename}/{clean_filename(name)}" if name else filename
             safe = _safe_member(name)
             if not why and safe is None:
                 why = "unsafe_path"
