@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: no worker /metrics
     worker_metrics_host: str = "127.0.0.1"
+    # Hardening II (issue 16): what one upload or image search may hold at once.
+    # Uploads each gateway process reads at once; one more is answered 503 too_many_uploads.
+    max_concurrent_uploads: int = Field(default=4, ge=1, le=1024)
+    # Longest an image search waits for the model; then 504 model_timeout.
+    model_timeout_s: float = Field(default=10.0, gt=0)
+    # Model calls waiting on the query process's model thread; one more is 503 model_busy.
+    model_queue_size: int = Field(default=64, ge=1)
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
