@@ -7,14 +7,11 @@ import lzma
 import posixpath
 import re
 import unicodedata
-import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
-
-from PIL import Image, UnidentifiedImageError
 
 from services.gateway.archives import (
     MAX_LONG_NAME,
@@ -25,11 +22,8 @@ from services.gateway.archives import (
     tar_entries,
     zip_entries,
 )
+from shared.imagecheck import ImageRefused, check_header
 
-FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"})
-# CLIP scales the shorter side to 224 px: a 60000x1 strip would become 3 billion pixels in the
-# worker. Longer than this many times the short side is refused with the oversized images.
-MAX_ASPECT_RATIO = 100
 # What zipfile and tarfile raise on damaged or crafted archives (found by fuzzing): a bad
 # archive is one rejection, never a 500. RuntimeError: an encrypted zip entry.
 BAD_ARCHIVE = (
@@ -93,8 +87,6 @@ def is_archive(filename: str, data: bytes | BinaryIO) -> str | None:
 
 def inspect_image(filename: str, data: bytes, limits: Limits) -> Candidate | Rejection:
     """Read the header only: a known format, within the pixel limit. Decoding is the worker's."""
-    if not data:
-        return Rejection(filename, "empty_file", "the file is empty")
     if len(data) > limits.max_file_bytes:
         return Rejection(
             filename,
@@ -102,35 +94,10 @@ def inspect_image(filename: str, data: bytes, limits: Limits) -> Candidate | Rej
             f"{len(data)} bytes is over the limit of {limits.max_file_bytes}",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                fmt, (width, height) = image.format, image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Rejection(filename, "image_too_large", "image dimensions are over the pixel limit")
-    except UnidentifiedImageError:
-        return Rejection(filename, "not_an_image", "not a recognised image format")
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        return Rejection(filename, "not_an_image", f"unreadable image header: {exc}")
-    if fmt not in FORMATS:
-        return Rejection(
-            filename,
-            "unsupported_format",
-            f"{fmt} is not supported; use one of {', '.join(sorted(FORMATS))}",
-        )
-    problem = dimension_problem(width, height, max_pixels=limits.max_image_pixels)
-    if problem:
-        return Rejection(filename, "image_too_large", problem)
+        width, height = check_header(data, max_pixels=limits.max_image_pixels)
+    except ImageRefused as exc:
+        return Rejection(filename, exc.code, exc.detail)
     return Candidate(filename, data, width, height)
-
-
-def dimension_problem(width: int, height: int, *, max_pixels: int) -> str | None:
-    """Why an image of this size must not be decoded (too many pixels, too long a strip)."""
-    if width * height > max_pixels:
-        return f"{width}x{height} pixels is over the limit of {max_pixels}"
-    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-        return f"{width}x{height} is longer than {MAX_ASPECT_RATIO} times its short side"
-    return None
 
 
 def _safe_member(name: str) -> str | None:

@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Histogram
 from pydantic import BaseModel, Field, field_validator
 
-from services.gateway.ingest import dimension_problem
 from services.query.batching import ModelRunner
 from services.worker.decode import DecodeError, decode_image
 from shared import logs
@@ -26,6 +25,7 @@ from shared.encoder import ClipEncoder
 from shared.errors import InvalidInput, Unavailable
 from shared.freshness import WriteMarks
 from shared.http import error_response, install_cors, install_error_handlers
+from shared.imagecheck import ImageRefused, check_header
 from shared.metrics import LATENCY_BUCKETS, instrument, metrics_response
 from shared.settings import Settings, get_settings
 from shared.vectors import SearchFilters, VectorStore
@@ -82,7 +82,8 @@ class Searcher:
         )
         self.writes = WriteMarks.from_url(settings.redis_url, settings.milvus_collection)
         self.load_error: str | None = None
-        self.runner = ModelRunner()  # every forward pass of this process runs on its thread
+        # Every forward pass of this process runs on this thread; callers wait in a bounded line.
+        self.runner = ModelRunner(max_queue=settings.model_queue_size)
         self._text_cache = lru_cache(maxsize=1024)(self._encode_text)
 
     def load(self) -> None:
@@ -105,7 +106,7 @@ class Searcher:
 
     def _encode_text(self, text: str) -> np.ndarray:
         self.model()
-        return self.runner.encode_text(text)
+        return self.runner.encode_text(text, timeout_s=self.settings.model_timeout_s)
 
     def model(self) -> ClipEncoder:
         if self.encoder is None:
@@ -228,16 +229,16 @@ def search_image(
     data = file.file.read(settings.max_file_bytes + 1)
     if len(data) > settings.max_file_bytes:
         raise InvalidInput("the image is over the size limit", code="file_too_large")
-    try:
+    try:  # format, pixels and aspect from the header, before anything is decoded
+        check_header(data, max_pixels=settings.max_image_pixels)
         image = decode_image(data, max_pixels=settings.max_image_pixels)
-    except DecodeError as exc:
+    except (ImageRefused, DecodeError) as exc:
         raise InvalidInput(exc.detail, code=exc.code) from exc
-    problem = dimension_problem(*image.size, max_pixels=settings.max_image_pixels)
-    if problem:
-        raise InvalidInput(problem, code="image_too_large")
     with STAGE_SECONDS.labels("encode").time():
         encoder = searcher.model()
-        vector = searcher.runner.call(lambda: encoder.encode_images([image]))[0]
+        vector = searcher.runner.call(
+            lambda: encoder.encode_images([image]), timeout_s=settings.model_timeout_s
+        )[0]
     hits = searcher.search(vector, k=k, min_score=min_score, filters=SearchFilters())
     return searcher._answer(file.filename or "image", hits, start, kind="image")
 
