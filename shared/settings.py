@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     # Hardening II (issue 16): what one upload or image search may hold at once.
     # Uploads each gateway process reads at once; one more is answered 503 too_many_uploads.
     max_concurrent_uploads: int = Field(default=4, ge=1, le=1024)
+    # CPU seconds one upload may spend expanding its archives; the rest: archive_too_slow.
+    max_expand_cpu_s: float = Field(default=30.0, gt=0)
     # Longest an image search waits for the model; then 504 model_timeout.
     model_timeout_s: float = Field(default=10.0, gt=0)
     # Model calls waiting on the query process's model thread; one more is 503 model_busy.

@@ -18,6 +18,7 @@ from services.gateway.archives import (
     MAX_PAX_HEADER,
     ArchiveError,
     Budget,
+    OutOfTime,
     kind_of,
     tar_entries,
     zip_entries,
@@ -49,6 +50,7 @@ class Limits:
     max_image_pixels: int
     max_archive_entries: int
     max_archive_bytes: int
+    max_expand_cpu_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,11 @@ def expand(
     """
     fileobj = io.BytesIO(data) if isinstance(data, bytes) else data
     if budget is None:
-        budget = Budget(max_entries=limits.max_archive_entries, max_bytes=limits.max_archive_bytes)
+        budget = Budget(
+            max_entries=limits.max_archive_entries,
+            max_bytes=limits.max_archive_bytes,
+            max_cpu_s=limits.max_expand_cpu_s,
+        )
     kind = kind_of(fileobj)
     if kind is None:
         fileobj.seek(0)
@@ -149,6 +155,7 @@ def expand(
     entries = zip_entries if kind == "zip" else tar_entries
     found = 0
     try:
+        budget.check_time()
         for name, body, why in entries(
             fileobj, budget=budget, max_file_bytes=limits.max_file_bytes
         ):
@@ -165,6 +172,9 @@ def expand(
                 found -= 1  # macOS resource forks, not images
             else:
                 yield inspect_image(f"{filename}/{clean_filename(safe)}", body, limits)
+    except OutOfTime as exc:
+        yield Rejection(filename, "archive_too_slow", f"{exc}; the rest is not read")
+        return
     except BAD_ARCHIVE as exc:
         yield Rejection(filename, "bad_archive", f"cannot read the archive: {exc}")
         return

@@ -64,6 +64,7 @@ class Gateway:
             max_image_pixels=settings.max_image_pixels,
             max_archive_entries=settings.max_archive_entries,
             max_archive_bytes=settings.max_archive_bytes,
+            max_expand_cpu_s=settings.max_expand_cpu_s,
         )
         self.rate_limits = RateLimits(
             redis_url=settings.redis_url,

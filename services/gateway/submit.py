@@ -134,7 +134,11 @@ def _submit(
             raise PayloadTooLarge(f"a job holds at most {max_items} images", code="too_many_files")
         _queue_errors(lambda: jobs.create(total=len(uploads), job_id=job_id))
     created = streaming
-    budget = Budget(max_entries=limits.max_archive_entries, max_bytes=limits.max_archive_bytes)
+    budget = Budget(
+        max_entries=limits.max_archive_entries,
+        max_bytes=limits.max_archive_bytes,
+        max_cpu_s=limits.max_expand_cpu_s,
+    )
     held = 0  # bytes of images in the window
     items: list[BatchItem] = []
     counted: list[ItemResult] = []  # rejected and in-job duplicates, counted at once

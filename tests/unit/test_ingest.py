@@ -206,3 +206,22 @@ def test_zip_declaring_too_many_records_is_refused_before_listing() -> None:
 
 def _ok(found: Candidate | Rejection) -> bool:
     return isinstance(found, Candidate)
+
+
+def test_expansion_stops_at_the_cpu_budget() -> None:
+    """bz2 inflates at 6-30 MiB/s here: MAX_ARCHIVE_BYTES alone would allow minutes of CPU."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for i in range(8):
+            info = tarfile.TarInfo(f"z{i}.bmp")
+            info.size = 10_000_000
+            tf.addfile(info, io.BytesIO(b"\0" * info.size))
+    roomy = dataclasses.replace(
+        LIMITS, max_file_bytes=20_000_000, max_archive_bytes=200_000_000, max_expand_cpu_s=0.01
+    )
+    got = codes("z.tar.gz", buf.getvalue(), roomy)
+    assert got[-1] == "archive_too_slow" and len(got) < 8
+    assert (
+        codes("again.tar.gz", buf.getvalue(), dataclasses.replace(roomy, max_expand_cpu_s=60))[-1]
+        == "not_an_image"
+    )
