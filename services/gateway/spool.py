@@ -64,6 +64,14 @@ class SpooledForm:
         self.spool.close()
 
 
+def _decode(raw: bytes) -> str:
+    """UTF-8, else Latin-1 (what Starlette does: any bytes make some name)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 @dataclass
 class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
@@ -108,9 +116,9 @@ async def spool_form(
 
     def on_headers_finished() -> None:
         _, options = parse_options_header(part.headers.get(b"content-disposition", b""))
-        part.name = options.get(b"name", b"").decode("utf-8", "replace")
+        part.name = _decode(options.get(b"name", b""))
         if b"filename" in options:
-            part.filename = options[b"filename"].decode("utf-8", "replace")
+            part.filename = _decode(options[b"filename"])
             counts["files"] += 1
             if counts["files"] > max_files:
                 raise PayloadTooLarge(
@@ -135,7 +143,7 @@ async def spool_form(
 
     def on_part_end() -> None:
         if part.filename is None:
-            form.fields.setdefault(part.name, []).append(part.value.decode("utf-8", "replace"))
+            form.fields.setdefault(part.name, []).append(_decode(bytes(part.value)))
         elif part.name == field_name:
             size = form.spool.tell() - part.offset
             # Unbuffered (a BufferedReader holds 8 KiB each: 160 MiB for 20,000 files).
