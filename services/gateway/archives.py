@@ -24,7 +24,7 @@ BLOCK = 512
 MAX_LONG_NAME = 64 * 1024
 MAX_PAX_HEADER = 1024 * 1024
 # xz -9 needs 65 MiB to decompress; a stream that declares a larger dictionary is refused.
-XZ_MEMLIMIT = 128 * 1024 * 1024
+XZ_MEMLIMIT = 80 * 1024 * 1024
 # A zip entry that expands more than this many times and to more than 1 MiB is a bomb, not
 # an image (JPEG, PNG and WebP barely compress; a blank BMP is the rare casualty).
 MAX_ZIP_RATIO = 100
@@ -337,4 +337,4 @@ def zip_entries(
                 while chunk := fh.read(_CHUNK):
                     body += chunk
                     budget.check_time()
-            yield info.filename, bytes(body[:size]), ""
+            yield info.filename, bytes(body), ""  # zipfile stops at `size` bytes
