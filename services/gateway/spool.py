@@ -93,9 +93,12 @@ async def spool_form(
     """Read a multipart body: parts named `field_name` with a filename go to the spool."""
     kind, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
-        raise InvalidInput("send multipart/form-data with a boundary", code="bad_multipart")
     form = SpooledForm(spool=tempfile.TemporaryFile())  # noqa: SIM115 (closed by the caller)
+    if kind != b"multipart/form-data":
+        return form  # no files in it (the caller says so); the body is left unread
+    if not boundary:
+        form.close()
+        raise InvalidInput("multipart/form-data without a boundary", code="bad_multipart")
     part = _Part()
     header: list[bytes] = [b"", b""]
     counts = {"files": 0, "fields": 0}
