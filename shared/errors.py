@@ -77,3 +77,10 @@ class ModelLoadError(ClipsearchError):
 
     status_code = 503
     code = "model_unavailable"
+
+
+class DeadlineExceeded(ClipsearchError):
+    """A dependency (the model) did not answer within its deadline."""
+
+    status_code = 504
+    code = "timeout"

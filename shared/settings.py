@@ -118,6 +118,16 @@ class Settings(BaseSettings):
     # How long a finished job's records (counts, errors) are kept in Redis.
     job_retention: timedelta = timedelta(days=7)
 
+    # Hardening II (issue 16): what one upload or image search may hold at once.
+    # Uploads each gateway process reads at once; one more is answered 503 too_many_uploads.
+    max_concurrent_uploads: int = Field(default=4, ge=1, le=1024)
+    # CPU seconds one upload may spend expanding its archives; the rest: archive_too_slow.
+    max_expand_cpu_s: float = Field(default=30.0, gt=0)
+    # Longest an image search waits for the model; then 504 model_timeout.
+    model_timeout_s: float = Field(default=10.0, gt=0)
+    # Model calls waiting on the query process's model thread; one more is 503 model_busy.
+    model_queue_size: int = Field(default=64, ge=1)
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

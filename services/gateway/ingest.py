@@ -6,25 +6,30 @@ import io
 import lzma
 import posixpath
 import re
-import tarfile
 import unicodedata
-import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from services.gateway.archives import (
+    MAX_LONG_NAME,
+    MAX_PAX_HEADER,
+    ArchiveError,
+    Budget,
+    OutOfTime,
+    kind_of,
+    tar_entries,
+    zip_entries,
+)
+from shared.ml.images import ImageRefused, check_header
 
-FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"})
-# CLIP scales the shorter side to 224 px: a 60000x1 strip would become 3 billion pixels in the
-# worker. Longer than this many times the short side is refused with the oversized images.
-MAX_ASPECT_RATIO = 100
 # What zipfile and tarfile raise on damaged or crafted archives (found by fuzzing): a bad
 # archive is one rejection, never a 500. RuntimeError: an encrypted zip entry.
 BAD_ARCHIVE = (
     zipfile.BadZipFile,
-    tarfile.TarError,
+    ArchiveError,
     EOFError,
     OSError,
     NotImplementedError,
@@ -45,6 +50,7 @@ class Limits:
     max_image_pixels: int
     max_archive_entries: int
     max_archive_bytes: int
+    max_expand_cpu_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,25 +82,13 @@ def clean_filename(name: str | bytes | None) -> str:
     return name[-255:] or "unnamed"
 
 
-def is_archive(filename: str, data: bytes) -> str | None:
+def is_archive(filename: str, data: bytes | BinaryIO) -> str | None:
     """'zip' or 'tar' when the bytes are such an archive, judged by content not name."""
-    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return "zip"
-    if len(data) > 262 and data[257:262] == b"ustar":
-        return "tar"
-    if filename.lower().endswith((".tar", ".tar.gz", ".tgz")):
-        try:
-            with tarfile.open(fileobj=io.BytesIO(data)):
-                return "tar"
-        except BAD_ARCHIVE:
-            return None
-    return None
+    return kind_of(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
 def inspect_image(filename: str, data: bytes, limits: Limits) -> Candidate | Rejection:
     """Read the header only: a known format, within the pixel limit. Decoding is the worker's."""
-    if not data:
-        return Rejection(filename, "empty_file", "the file is empty")
     if len(data) > limits.max_file_bytes:
         return Rejection(
             filename,
@@ -102,35 +96,10 @@ def inspect_image(filename: str, data: bytes, limits: Limits) -> Candidate | Rej
             f"{len(data)} bytes is over the limit of {limits.max_file_bytes}",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                fmt, (width, height) = image.format, image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Rejection(filename, "image_too_large", "image dimensions are over the pixel limit")
-    except UnidentifiedImageError:
-        return Rejection(filename, "not_an_image", "not a recognised image format")
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        return Rejection(filename, "not_an_image", f"unreadable image header: {exc}")
-    if fmt not in FORMATS:
-        return Rejection(
-            filename,
-            "unsupported_format",
-            f"{fmt} is not supported; use one of {', '.join(sorted(FORMATS))}",
-        )
-    problem = dimension_problem(width, height, max_pixels=limits.max_image_pixels)
-    if problem:
-        return Rejection(filename, "image_too_large", problem)
+        width, height = check_header(data, max_pixels=limits.max_image_pixels)
+    except ImageRefused as exc:
+        return Rejection(filename, exc.code, exc.detail)
     return Candidate(filename, data, width, height)
-
-
-def dimension_problem(width: int, height: int, *, max_pixels: int) -> str | None:
-    """Why an image of this size must not be decoded (too many pixels, too long a strip)."""
-    if width * height > max_pixels:
-        return f"{width}x{height} pixels is over the limit of {max_pixels}"
-    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
-        return f"{width}x{height} is longer than {MAX_ASPECT_RATIO} times its short side"
-    return None
 
 
 def _safe_member(name: str) -> str | None:
@@ -144,85 +113,54 @@ def _safe_member(name: str) -> str | None:
     return norm
 
 
-def _archive_entries(
-    kind: str, data: bytes, limits: Limits
-) -> Iterator[tuple[str, bytes | None, str]]:
-    """(name, bytes or None, why-not) for each regular entry, enforcing the archive limits."""
-    count, expanded = 0, 0
-
-    def budget(name: str, size: int) -> str:
-        nonlocal count, expanded
-        count += 1
-        expanded += size
-        if count > limits.max_archive_entries:
-            return "archive_too_many_entries"
-        if size > limits.max_file_bytes or expanded > limits.max_archive_bytes:
-            return "archive_too_large"
-        return ""
-
-    if kind == "zip":
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            for info in zf.infolist():
-                if not info.filename:  # no name at all: nothing safe to call it
-                    yield "", None, "unsafe_path"
-                    continue
-                if info.is_dir():
-                    continue
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    yield info.filename, None, "archive_link"
-                    continue
-                why = budget(info.filename, info.file_size)
-                if why:
-                    yield info.filename, None, why
-                    if why == "archive_too_many_entries":
-                        return
-                    continue
-                with zf.open(info) as fh:  # read at most the declared size plus one byte
-                    body = fh.read(info.file_size + 1)
-                yield info.filename, body[: info.file_size], ""
-    else:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
-            for member in tf:
-                if member.isdir():
-                    continue
-                if member.issym() or member.islnk():
-                    yield member.name, None, "archive_link"
-                    continue
-                if not member.isfile():
-                    yield member.name, None, "archive_special_file"
-                    continue
-                why = budget(member.name, member.size)
-                if why:
-                    yield member.name, None, why
-                    if why == "archive_too_many_entries":
-                        return
-                    continue
-                extracted = tf.extractfile(member)
-                yield member.name, extracted.read() if extracted else b"", ""
-
-
 _WHY = {
     "archive_link": "links inside archives are not followed",
     "archive_special_file": "only regular files are read from archives",
     "archive_too_large": "the archive expands beyond the configured size limit",
     "archive_too_many_entries": "the archive has more entries than allowed",
+    "archive_header_too_large": (
+        f"a tar long-name header over {MAX_LONG_NAME} bytes or a pax header over "
+        f"{MAX_PAX_HEADER} bytes; the archive is not read further"
+    ),
     "unsafe_path": "the entry's path leaves the archive (absolute or '..')",
     "nested_archive": "archives inside archives are not expanded",
     "empty_archive": "the archive holds no files",
+    "request_too_large": "the request's files expand beyond the configured size limit",
 }
 
 
-def expand(filename: str, data: bytes, limits: Limits) -> Iterator[Candidate | Rejection]:
-    """Every image the upload holds: itself, or each entry of a zip/tar, validated."""
-    kind = is_archive(filename, data)
+def expand(
+    filename: str, data: bytes | BinaryIO, limits: Limits, budget: Budget | None = None
+) -> Iterator[Candidate | Rejection]:
+    """Every image the upload holds: itself, or each entry of a zip/tar, validated.
+
+    `budget` is the request's: every file and archive entry it expands to is charged to it.
+    """
+    fileobj = io.BytesIO(data) if isinstance(data, bytes) else data
+    if budget is None:
+        budget = Budget(
+            max_entries=limits.max_archive_entries,
+            max_bytes=limits.max_archive_bytes,
+            max_cpu_s=limits.max_expand_cpu_s,
+        )
+    kind = kind_of(fileobj)
     if kind is None:
-        yield inspect_image(filename, data, limits)
+        fileobj.seek(0)
+        whole = fileobj.read(limits.max_file_bytes + 1)
+        if not budget.charge(min(len(whole), limits.max_file_bytes)):
+            yield Rejection(filename, "archive_too_large", _WHY["request_too_large"])
+            return
+        yield inspect_image(filename, whole, limits)
         return
+    entries = zip_entries if kind == "zip" else tar_entries
     found = 0
     try:
-        for name, body, why in _archive_entries(kind, data, limits):
+        budget.check_time()
+        for name, body, why in entries(
+            fileobj, budget=budget, max_file_bytes=limits.max_file_bytes
+        ):
             found += 1
-            shown = f"{filename}/{clean_filename(name)}"
+            shown = f"{filename}/{clean_filename(name)}" if name else filename
             safe = _safe_member(name)
             if not why and safe is None:
                 why = "unsafe_path"
@@ -234,6 +172,9 @@ def expand(filename: str, data: bytes, limits: Limits) -> Iterator[Candidate | R
                 found -= 1  # macOS resource forks, not images
             else:
                 yield inspect_image(f"{filename}/{clean_filename(safe)}", body, limits)
+    except OutOfTime as exc:
+        yield Rejection(filename, "archive_too_slow", f"{exc}; the rest is not read")
+        return
     except BAD_ARCHIVE as exc:
         yield Rejection(filename, "bad_archive", f"cannot read the archive: {exc}")
         return

@@ -16,10 +16,6 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
-from python_multipart.exceptions import MultipartParseError
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
 from services.gateway import admin, metrics, thumbnails
 from services.gateway.auth import (
@@ -32,11 +28,12 @@ from services.gateway.bodylimit import MAX_SMALL_BODY, BodyLimit
 from services.gateway.ingest import Limits
 from services.gateway.metadata import parse_metadata
 from services.gateway.ratelimit import RateLimits, limit, parse_rule
+from services.gateway.spool import spool_form
 from services.gateway.submit import submit_job
 from services.gateway.upstream import QueryService
 from shared import logs
 from shared.blobs import make_blob_store
-from shared.errors import InvalidInput, NotFound, PayloadTooLarge
+from shared.errors import InvalidInput, NotFound, Unavailable
 from shared.freshness import WriteMarks
 from shared.jobs import JobStore
 from shared.safety import open_writes_exposed
@@ -76,6 +73,7 @@ class Gateway:
             max_image_pixels=settings.max_image_pixels,
             max_archive_entries=settings.max_archive_entries,
             max_archive_bytes=settings.max_archive_bytes,
+            max_expand_cpu_s=settings.max_expand_cpu_s,
         )
         self.rate_limits = RateLimits(
             redis_url=settings.redis_url,
@@ -93,6 +91,14 @@ class Gateway:
         )
         # One pooled keep-alive client to the query service.
         self.query = QueryService(settings.query_url)
+        self.uploading = 0  # POST /v1/jobs requests being read now (MAX_CONCURRENT_UPLOADS)
+
+
+class UploadsBusy(Unavailable):
+    """Every upload slot of this process is taken: retry shortly."""
+
+    code = "too_many_uploads"
+    headers = {"Retry-After": "2", "Connection": "close"}  # the unread body is not drained
 
 
 @asynccontextmanager
@@ -160,62 +166,46 @@ async def create_job(request: Request) -> JSONResponse:
     """Accept images (or zip/tar archives of them) as one job; embedding happens later."""
     g = gw(request)
     s = g.settings
+    if g.uploading >= s.max_concurrent_uploads:  # before a byte of the body is read
+        raise UploadsBusy(
+            f"{g.uploading} uploads are being read; the limit is {s.max_concurrent_uploads}"
+        )
+    g.uploading += 1
     try:
-        form = await request.form(
-            max_files=s.max_files_per_job, max_fields=100, max_part_size=s.max_metadata_bytes + 1024
+        form = await spool_form(
+            request.headers.get("content-type", ""),
+            request.stream(),
+            field_name="files",
+            max_files=s.max_files_per_job,
+            max_fields=100,
+            max_field_bytes=s.max_metadata_bytes,
         )
-    except (MultiPartException, MultipartParseError, HTTPException) as exc:
-        # Starlette turns the parser's errors into a bare 400: give them their codes.
-        message = str(getattr(exc, "detail", exc))
-        if "many files" in message:
-            raise PayloadTooLarge(
-                f"a job holds at most {s.max_files_per_job} files", code="too_many_files"
-            ) from exc
-        if "maximum size" in message:
-            raise InvalidInput(
-                f"a form field is over {s.max_metadata_bytes} bytes (metadata is the only one)",
-                code="invalid_metadata",
-            ) from exc
-        raise InvalidInput(f"cannot read the upload: {message}", code="bad_multipart") from exc
-    try:
-        files = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-        if not files:
-            raise InvalidInput(
-                "no files: send images as repeated multipart 'files' fields", code="no_files"
+        try:
+            if not form.files:
+                raise InvalidInput(
+                    "no files: send images as repeated multipart 'files' fields", code="no_files"
+                )
+            metas = form.fields.get("metadata", [])
+            raw_meta = metas[0] if metas else None
+            metadata = parse_metadata(raw_meta, limit=s.max_metadata_bytes)
+            sub = await run_in_threadpool(
+                lambda: submit_job(
+                    uploads=[(name or "unnamed", fh) for name, fh in form.files],
+                    metadata=metadata,
+                    limits=g.limits,
+                    max_items=s.max_files_per_job,
+                    batch_size=s.embed_batch_size,
+                    blobs=g.blobs,
+                    jobs=g.jobs,
+                    celery=g.celery,
+                    idempotency_key=request.headers.get("idempotency-key"),
+                    idempotency_scope=_idempotency_scope(request),
+                )
             )
-        raw_meta = form.get("metadata")
-        metadata = parse_metadata(
-            raw_meta if isinstance(raw_meta, str) else None, limit=s.max_metadata_bytes
-        )
-
-        def read_all() -> list[tuple[str, bytes]]:
-            out = []
-            for f in files:
-                data = f.file.read(s.max_upload_bytes + 1)
-                if len(data) > s.max_upload_bytes:
-                    raise PayloadTooLarge(
-                        f"{f.filename} is over the upload limit", code="payload_too_large"
-                    )
-                out.append((f.filename or "unnamed", data))
-            return out
-
-        uploads = await run_in_threadpool(read_all)
-        sub = await run_in_threadpool(
-            lambda: submit_job(
-                uploads=uploads,
-                metadata=metadata,
-                limits=g.limits,
-                max_items=s.max_files_per_job,
-                batch_size=s.embed_batch_size,
-                blobs=g.blobs,
-                jobs=g.jobs,
-                celery=g.celery,
-                idempotency_key=request.headers.get("idempotency-key"),
-                idempotency_scope=_idempotency_scope(request),
-            )
-        )
+        finally:
+            form.close()
     finally:
-        await form.close()
+        g.uploading -= 1
     if sub.replayed:
         log.info("job %s returned again for its Idempotency-Key", sub.job_id)
     else:

@@ -9,12 +9,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from services.gateway.archives import Budget
 from services.gateway.ingest import (
     Candidate,
     Limits,
@@ -24,7 +25,14 @@ from services.gateway.ingest import (
     is_archive,
 )
 from shared.blobs import BlobStore
-from shared.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from shared.errors import (
+    ClipsearchError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+)
 from shared.jobs import ItemResult, JobStore
 from shared.tasks import BatchItem, enqueue_batch
 
@@ -40,6 +48,8 @@ class Submission:
 
 
 _PUT_THREADS = 8
+# Images read but not yet stored, at most (plus one file): what a request holds in memory.
+_WINDOW_BYTES = 64 * 1024 * 1024
 _PUTS = ThreadPoolExecutor(_PUT_THREADS, thread_name_prefix="blob-put")
 
 # Printable ASCII without spaces, as the IETF draft and Stripe's keys are; UUIDs fit.
@@ -55,7 +65,7 @@ class RequestInProgress(Conflict):
 
 def submit_job(
     *,
-    uploads: Iterable[tuple[str, bytes]],
+    uploads: Iterable[tuple[str, bytes | BinaryIO]],
     metadata: dict[str, Any],
     limits: Limits,
     max_items: int,
@@ -104,7 +114,7 @@ def submit_job(
 def _submit(
     *,
     job_id: str,
-    uploads: Iterable[tuple[str, bytes]],
+    uploads: Iterable[tuple[str, bytes | BinaryIO]],
     metadata: dict[str, Any],
     limits: Limits,
     max_items: int,
@@ -123,6 +133,13 @@ def _submit(
         if len(uploads) > max_items:
             raise PayloadTooLarge(f"a job holds at most {max_items} images", code="too_many_files")
         _queue_errors(lambda: jobs.create(total=len(uploads), job_id=job_id, metadata=metadata))
+    created = streaming
+    budget = Budget(
+        max_entries=limits.max_archive_entries,
+        max_bytes=limits.max_archive_bytes,
+        max_cpu_s=limits.max_expand_cpu_s,
+    )
+    held = 0  # bytes of images in the window
     items: list[BatchItem] = []
     counted: list[ItemResult] = []  # rejected and in-job duplicates, counted at once
     rejected: list[Rejection] = []
@@ -140,14 +157,17 @@ def _submit(
                 raise Unavailable(
                     f"the job queue is unavailable: {exc}", code="queue_unavailable"
                 ) from exc
+            sent = start + len(batch)  # what a failure leaves unsent is items[sent:]
         sent = upto
 
     # Blobs are written by a few threads (each put ends with an fsync), in upload order.
     window: deque[tuple[str, Candidate, Future[str]]] = deque()
 
     def settle(keep: int) -> None:
-        while len(window) > keep:
+        nonlocal held
+        while len(window) > keep or held > _WINDOW_BYTES:
             key, found, stored = window.popleft()
+            held -= len(found.data)
             image_id = stored.result()
             if image_id in seen:
                 counted.append(ItemResult(key, "duplicates", found.filename))
@@ -159,7 +179,7 @@ def _submit(
 
     try:
         for raw_name, data in uploads:
-            for found in expand(clean_filename(raw_name), data, limits):
+            for found in expand(clean_filename(raw_name), data, limits, budget):
                 n += 1
                 if n > max_items:
                     raise PayloadTooLarge(
@@ -173,6 +193,7 @@ def _submit(
                     )
                     continue
                 window.append((key, found, _PUTS.submit(_store, blobs, found)))
+                held += len(found.data)
                 settle(keep=_PUT_THREADS * 2)
         settle(keep=0)
         if streaming:
@@ -182,15 +203,27 @@ def _submit(
             _queue_errors(
                 lambda: jobs.create(total=n, rejected=counted, job_id=job_id, metadata=metadata)
             )
+            created = True
             send(len(items))
-    except BaseException:
+    except BaseException as exc:
         for _, _, stored in window:
             stored.cancel()
-        if streaming:  # batches may be out already: they will be skipped, the job says why
-            with contextlib.suppress(Exception):
-                jobs.cancel(job_id)
+        if created:  # batches may be out already: they will be skipped, the job says why
+            _abandon(jobs, job_id, items[sent:], exc)
         raise
     return Submission(job_id, n, rejected)
+
+
+def _abandon(jobs: JobStore, job_id: str, unsent: list[BatchItem], exc: BaseException) -> None:
+    """Cancel a job this request could not finish; its items never enqueued say why."""
+    code, detail = "internal_error", "the request failed before this image was queued"
+    if isinstance(exc, ClipsearchError):
+        code, detail = exc.code, exc.detail
+    with contextlib.suppress(Exception):  # the job store may be what failed
+        jobs.cancel(job_id, reason=code)
+        jobs.record(
+            job_id, [ItemResult(it["key"], "failed", it["filename"], code, detail) for it in unsent]
+        )
 
 
 def _queue_errors(call: Callable[[], object]) -> None:

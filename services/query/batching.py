@@ -21,22 +21,39 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+from shared.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _STOP = object()
 
 
-class ModelRunner:
-    """Runs callables and batched text encodes on one long-lived thread, in arrival order."""
+class ModelBusy(Unavailable):
+    """The model thread already has MODEL_QUEUE_SIZE calls waiting."""
 
-    def __init__(self, *, max_batch: int = 32) -> None:
+    code = "model_busy"
+    headers = {"Retry-After": "1"}
+
+
+class ModelRunner:
+    """Runs callables and batched text encodes on one long-lived thread, in arrival order.
+
+    At most `max_queue` calls wait for the thread (one more is ModelBusy, at once), and a
+    caller waits at most its deadline (then DeadlineExceeded; a call not yet started is
+    dropped, one already running finishes unheard)."""
+
+    def __init__(self, *, max_batch: int = 32, max_queue: int = 1024) -> None:
         self.encode_texts: Callable[[Sequence[str]], np.ndarray] | None = None
         self._max_batch = max_batch
+        self._max_queue = max_queue
+        self._waiting = 0  # items put and not yet taken by the model thread
+        self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         self._thread.start()
@@ -47,16 +64,29 @@ class ModelRunner:
     def call(self, fn: Callable[[], T], *, timeout_s: float | None = None) -> T:
         """fn() run on the model thread; its result or its exception."""
         future: Future[T] = Future()
-        self._queue.put(("call", fn, future))
-        return future.result(timeout=timeout_s)
+        self._put(("call", fn, future))
+        return _wait(future, timeout_s)
 
     def encode_text(self, text: str, *, timeout_s: float = 60.0) -> np.ndarray:
         """The unit vector for one text, computed together with whatever else is waiting."""
         if self.encode_texts is None:
             raise RuntimeError("no text encoder yet")
         future: Future[np.ndarray] = Future()
-        self._queue.put(("text", text, future))
-        return future.result(timeout=timeout_s)
+        self._put(("text", text, future))
+        return _wait(future, timeout_s)
+
+    def _put(self, item: tuple[str, Any, Future[Any]]) -> None:
+        with self._lock:
+            if self._waiting >= self._max_queue:
+                raise ModelBusy(f"{self._waiting} model calls are waiting already; retry shortly")
+            self._waiting += 1
+        self._queue.put(item)
+
+    def _take(self, item: Any) -> Any:
+        if item is not _STOP:
+            with self._lock:
+                self._waiting -= 1
+        return item
 
     def close(self) -> None:
         """Stop after the work already queued."""
@@ -66,7 +96,7 @@ class ModelRunner:
     def _run(self) -> None:
         later: list[Any] = []  # calls met while gathering texts, run after that pass
         while True:
-            item = later.pop(0) if later else self._queue.get()
+            item = later.pop(0) if later else self._take(self._queue.get())
             if item is _STOP:
                 return
             if item[0] == "call":
@@ -80,7 +110,7 @@ class ModelRunner:
             texts = [item]
             while len(texts) < self._max_batch and not later:
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._take(self._queue.get_nowait())
                 except queue.Empty:
                     break
                 if nxt is not _STOP and nxt[0] == "text":
@@ -110,3 +140,13 @@ class ModelRunner:
         row = {text: i for i, text in enumerate(unique)}
         for text, fut in live:
             fut.set_result(vectors[row[text]])
+
+
+def _wait(future: Future[T], timeout_s: float | None) -> T:
+    try:
+        return future.result(timeout=timeout_s)
+    except FutureTimeout:
+        future.cancel()  # skipped if the model thread has not started it
+        raise DeadlineExceeded(
+            f"the model did not answer within {timeout_s} s", code="model_timeout"
+        ) from None

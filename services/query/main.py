@@ -17,13 +17,12 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import Histogram
 from pydantic import BaseModel, Field, field_validator
 
-from services.gateway.ingest import dimension_problem
 from services.query.batching import ModelRunner
-from services.worker.decode import DecodeError, decode_image
 from shared import logs
 from shared.errors import InvalidInput, Unavailable
 from shared.freshness import WriteMarks
 from shared.ml.encoder import BOTH, ClipEncoder
+from shared.ml.images import DecodeError, ImageRefused, check_header, decode_image
 from shared.settings import Settings, get_settings
 from shared.vectors import SearchFilters, VectorStore
 from shared.web.health import Probe, health_router
@@ -84,7 +83,8 @@ class Searcher:
             settings.redis_url, settings.milvus_collection, namespace=settings.namespace
         )
         self.load_error: str | None = None
-        self.runner = ModelRunner()  # every forward pass of this process runs on its thread
+        # Every forward pass of this process runs on this thread; callers wait in a bounded line.
+        self.runner = ModelRunner(max_queue=settings.model_queue_size)
         self._text_cache = lru_cache(maxsize=1024)(self._encode_text)
 
     def load(self) -> None:
@@ -107,7 +107,7 @@ class Searcher:
 
     def _encode_text(self, text: str) -> np.ndarray:
         self.model()
-        return self.runner.encode_text(text)
+        return self.runner.encode_text(text, timeout_s=self.settings.model_timeout_s)
 
     def model(self) -> ClipEncoder:
         if self.encoder is None:
@@ -230,16 +230,16 @@ def search_image(
     data = file.file.read(settings.max_file_bytes + 1)
     if len(data) > settings.max_file_bytes:
         raise InvalidInput("the image is over the size limit", code="file_too_large")
-    try:
+    try:  # format, pixels and aspect from the header, before anything is decoded
+        check_header(data, max_pixels=settings.max_image_pixels)
         image = decode_image(data, max_pixels=settings.max_image_pixels)
-    except DecodeError as exc:
+    except (ImageRefused, DecodeError) as exc:
         raise InvalidInput(exc.detail, code=exc.code) from exc
-    problem = dimension_problem(*image.size, max_pixels=settings.max_image_pixels)
-    if problem:
-        raise InvalidInput(problem, code="image_too_large")
     with STAGE_SECONDS.labels("encode").time():
         encoder = searcher.model()
-        vector = searcher.runner.call(lambda: encoder.encode_images([image]))[0]
+        vector = searcher.runner.call(
+            lambda: encoder.encode_images([image]), timeout_s=settings.model_timeout_s
+        )[0]
     hits = searcher.search(vector, k=k, min_score=min_score, filters=SearchFilters())
     return searcher._answer(file.filename or "image", hits, start, kind="image")
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from services.worker.decode import DecodeError, decode_sized
 from shared.blobs import BlobStore
 from shared.errors import NotFound, Unavailable
 from shared.freshness import WriteMarks
 from shared.jobs import FINAL_STATES, ItemResult, JobStore, Outcome
 from shared.ml.encoder import ClipEncoder
+from shared.ml.images import DecodeError, decode_sized
 from shared.tasks import BatchItem
 from shared.vectors import VectorStore
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.worker.decode import DecodeError, decode_image, decode_sized
+from shared.ml.images import DecodeError, decode_image, decode_sized
 from tests.images import encode, make_image
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
+import time
+import tracemalloc
 import zipfile
 
 import pytest
 
+from services.gateway.archives import Budget
 from services.gateway.ingest import Candidate, Limits, Rejection, clean_filename, expand
+from tests.hostile_files import header_bomb, zip_bomb
 from tests.images import encode, make_image
 
 LIMITS = Limits(
@@ -129,3 +134,94 @@ def _tar(files: dict[str, bytes]) -> bytes:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["L", "x"])
+def test_tar_headers_declaring_gigabytes_are_refused_unread(kind: str) -> None:
+    """A 2 KB bz2 tar whose long-name or pax header declares 256 MiB: refused at the header,
+    without reading it (tarfile read all 256 MiB into memory first)."""
+    data = header_bomb(kind, declared=256 * 1024 * 1024)
+    assert len(data) < 4096
+    tracemalloc.start()
+    try:
+        start = time.perf_counter()
+        got = list(expand("x.tar", data, LIMITS))
+        took = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(r.filename, r.code) for r in got if isinstance(r, Rejection)] == [
+        ("x.tar", "archive_header_too_large")
+    ]
+    assert peak < 8 * 1024 * 1024 and took < 1.0
+
+
+def test_tar_long_names_and_pax_paths_within_limits_are_read() -> None:
+    jpg = encode(make_image(11))
+    long = "d/" + "n" * 150 + ".jpg"
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:xz", format=fmt) as tf:
+            info = tarfile.TarInfo(long)
+            info.size = len(jpg)
+            tf.addfile(info, io.BytesIO(jpg))
+            tf.addfile(tarfile.TarInfo("dir/"), None)
+        (found,) = expand("t.tar.xz", buf.getvalue(), LIMITS)
+        assert isinstance(found, Candidate) and found.filename == f"t.tar.xz/{long}"
+        assert found.data == jpg
+
+
+def test_one_budget_across_the_request() -> None:
+    """Two archives of 2 MB each against a 3 MB budget: the second runs out (budgets used
+    to reset per archive)."""
+    files = {f"{i}.bin": bytes([i]) * 500_000 for i in range(4)}
+    budget = Budget(max_entries=100, max_bytes=LIMITS.max_archive_bytes)
+    first = [
+        r.code for r in expand("a.tar", _tar(files), LIMITS, budget) if isinstance(r, Rejection)
+    ]
+    second = [
+        r.code for r in expand("b.tar", _tar(files), LIMITS, budget) if isinstance(r, Rejection)
+    ]
+    assert first == ["not_an_image"] * 4
+    assert "archive_too_large" in second and budget.bytes <= LIMITS.max_archive_bytes
+
+
+def test_zip_bombs_are_refused_by_declared_size_and_ratio() -> None:
+    big = zip_bomb(entries=5, size=200 * 1024 * 1024)  # each entry over max_file_bytes
+    assert codes("big.zip", big) == ["archive_too_large"] * 5
+    dense = zip_bomb(entries=2, size=1024 * 1024)  # 1 MiB: small enough for any ratio
+    wide = dataclasses.replace(LIMITS, max_file_bytes=10_000_000)
+    assert codes("small.zip", dense, wide) == ["not_an_image"] * 2
+    ratio = zip_bomb(entries=2, size=2 * 1024 * 1024)
+    assert codes("ratio.zip", ratio, wide) == ["archive_too_large"] * 2
+
+
+def test_zip_declaring_too_many_records_is_refused_before_listing() -> None:
+    many = io.BytesIO()
+    with zipfile.ZipFile(many, "w") as zf:
+        for i in range(40):
+            zf.writestr(f"d{i}/", b"")
+    assert codes("dirs.zip", many.getvalue()) == ["archive_too_many_entries"]
+
+
+def _ok(found: Candidate | Rejection) -> bool:
+    return isinstance(found, Candidate)
+
+
+def test_expansion_stops_at_the_cpu_budget() -> None:
+    """bz2 inflates at 6-30 MiB/s here: MAX_ARCHIVE_BYTES alone would allow minutes of CPU."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for i in range(8):
+            info = tarfile.TarInfo(f"z{i}.bmp")
+            info.size = 10_000_000
+            tf.addfile(info, io.BytesIO(b"\0" * info.size))
+    roomy = dataclasses.replace(
+        LIMITS, max_file_bytes=20_000_000, max_archive_bytes=200_000_000, max_expand_cpu_s=0.01
+    )
+    got = codes("z.tar.gz", buf.getvalue(), roomy)
+    assert got[-1] == "archive_too_slow" and len(got) < 8
+    assert (
+        codes("again.tar.gz", buf.getvalue(), dataclasses.replace(roomy, max_expand_cpu_s=60))[-1]
+        == "not_an_image"
+    )

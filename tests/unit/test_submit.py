@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import pytest
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from services.gateway.ingest import Limits
 from services.gateway.submit import submit_job
@@ -131,3 +132,44 @@ def test_archives_are_checked_whole_before_any_job_exists(tmp_path: Path, jobs: 
     kinds = [kind for kind, _ in events.log]
     assert kinds.count("send") == 3 and "put" not in kinds[kinds.index("send") :]
     assert jobs.get(sub.job_id)["total"] == 12
+
+
+class FailingBroker(RecordingBroker):
+    """A broker that accepts `accept` batches, then is unreachable."""
+
+    def __init__(self, events: Events, jobs: JobStore, accept: int) -> None:
+        super().__init__(events, jobs)
+        self.accept = accept
+
+    def send_task(self, name: str, *, kwargs: dict[str, Any], queue: str) -> None:
+        if self.accept <= 0:
+            raise OperationalError("Error 111 connecting to the broker")
+        self.accept -= 1
+        super().send_task(name, kwargs=kwargs, queue=queue)
+
+
+def test_an_archive_job_whose_enqueue_fails_is_cancelled_with_its_reason(
+    tmp_path: Path, jobs: JobStore
+) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in images(10, offset=300):
+            zf.writestr(name, data)
+    events = Events()
+    with pytest.raises(Unavailable) as err:
+        submit_job(
+            uploads=[("set.zip", buf.getvalue())],
+            metadata={},
+            limits=LIMITS,
+            max_items=1000,
+            batch_size=4,
+            blobs=RecordingBlobs(tmp_path / "blobs", events),
+            jobs=jobs,
+            celery=cast(Celery, FailingBroker(events, jobs, accept=1)),
+        )
+    assert err.value.code == "queue_unavailable"
+    record = jobs.recent(limit=1)[0]
+    job = jobs.get(record["job_id"])
+    assert job["state"] == "cancelled" and job["total"] == 10
+    assert [e["code"] for e in job["errors"]] == ["queue_unavailable"] * 6  # 4 went out
+    assert job["errors"][0]["filename"] == "set.zip/im4.png"
