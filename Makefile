@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo up down status test lint format bench clean
+.PHONY: install demo up down status test lint format bench chaos clean
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ test: lint
 # the full sizes.
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Kill workers, Redis and Milvus under load, then check nothing was lost (see RELIABILITY.md);
+# CHAOS_ARGS="--duration 300 --seed 7 --worker-kills 4" and so on (python -m tests.chaos -h).
+chaos: install
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,157 @@
+"""The end of a chaos run: drain, then check every accepted image, every job, and search."""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from services.stack import Stack
+from shared.vectors import SearchFilters, VectorStore
+from tests.chaos.load import FINAL, PROMPTS, Record
+from tests.images import encode, make_image
+
+QUERY_LIMIT = 16_384  # Milvus's largest query page
+
+
+def drain(rec: Record, url: str, timeout_s: float) -> list[str]:
+    """Wait until every accepted job is final; the ids still open after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=10) as api:
+        while True:
+            open_ids = []
+            for job in list(rec.jobs.values()):
+                if job.last.get("state") in FINAL:
+                    continue
+                try:
+                    r = api.get(f"/v1/jobs/{job.job_id}")
+                except httpx.HTTPError:
+                    open_ids.append(job.job_id)
+                    continue
+                if r.status_code == 200:
+                    job.last = r.json()
+                else:
+                    job.last = {"state": f"http {r.status_code}"}
+                if job.last.get("state") not in FINAL:
+                    open_ids.append(job.job_id)
+            if not open_ids or time.monotonic() > deadline:
+                return open_ids
+            time.sleep(0.5)
+
+
+def _store(stack: Stack) -> VectorStore:
+    s = stack.settings
+    return VectorStore(uri=s.milvus_uri, token=None, collection=s.milvus_collection)
+
+
+def check_jobs(rec: Record, stack: Stack) -> dict[str, Any]:
+    """Each job: final counts exact; its rows in Milvus are its images, each once."""
+    store = _store(stack)
+    bad_counts, bad_rows = [], []
+    for job in rec.jobs.values():
+        n, last = len(job.images), job.last
+        counts = (last.get("state"), last.get("done"), last.get("failed"), last.get("duplicates"))
+        if counts != ("succeeded", n, 0, 0) or last.get("total") != n:
+            bad_counts.append({"job_id": job.job_id, "images": n, "got": last})
+        rows = store.client.query(
+            store.collection,
+            filter=SearchFilters(job_id=job.job_id).expression(),
+            output_fields=["image_id"],
+            consistency_level="Strong",
+            limit=10_000,
+        )
+        ids = [r["image_id"] for r in rows]
+        if len(ids) != len(set(ids)) or set(ids) != set(job.images):
+            missing = sorted(set(job.images) - set(ids))
+            bad_rows.append(
+                {"job_id": job.job_id, "images": n, "rows": len(ids), "missing": missing}
+            )
+    return {"bad_counts": bad_counts, "bad_rows": bad_rows}
+
+
+def all_rows(stack: Stack) -> list[dict[str, Any]]:
+    """Every row in the collection (image_id, job_id, vector), strongly consistent."""
+    store = _store(stack)
+    rows: list[dict[str, Any]] = store.client.query(
+        store.collection,
+        filter="",
+        output_fields=["image_id", "job_id", "vector"],
+        consistency_level="Strong",
+        limit=QUERY_LIMIT,
+    )
+    if len(rows) >= QUERY_LIMIT:
+        raise SystemExit(f"more than {QUERY_LIMIT} rows: lower --max-images")
+    return rows
+
+
+def check_collection(rec: Record, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole collection: each accepted image once, nothing else but refused uploads' images."""
+    accepted = {i: j.job_id for j in rec.jobs.values() for i in j.images}
+    refused = {i for g in rec.given_up for i in g["images"]}
+    ids = [r["image_id"] for r in rows]
+    return {
+        "rows": len(ids),
+        "distinct": len(set(ids)),
+        "missing": sorted(set(accepted) - set(ids)),
+        "refused_but_indexed": sorted(set(ids) & refused),
+        "unknown": sorted(set(ids) - set(accepted) - refused),
+    }
+
+
+def _model(model_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoProcessor, CLIPModel
+
+    return AutoProcessor.from_pretrained(model_dir), CLIPModel.from_pretrained(model_dir).eval()
+
+
+def check_search(
+    rec: Record, stack: Stack, rows: list[dict[str, Any]], model_dir: Path, k: int
+) -> dict[str, Any]:
+    """Searches against cosine over the stored vectors; stored vectors against the model."""
+    import torch
+
+    processor, model = _model(model_dir)
+    ids = [r["image_id"] for r in rows]
+    matrix = np.asarray([r["vector"] for r in rows], dtype=np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    mismatches = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            tokens = processor.tokenizer([prompt], padding=True, return_tensors="pt")
+            text = model.get_text_features(**tokens).pooler_output[0].numpy()
+            scores = matrix @ (text / np.linalg.norm(text))
+            expected = [ids[i] for i in np.argsort(-scores, kind="stable")[:k]]
+            params: dict[str, Any] = {"q": prompt, "k": k}
+            body = httpx.get(f"{stack.gateway_url}/v1/search", params=params, timeout=60)
+            got = [h["image_id"] for h in body.raise_for_status().json()["hits"]]
+            by_id = dict(zip(ids, scores, strict=True))
+            same = len(got) == len(expected) and all(
+                g == e or abs(by_id.get(g, -9) - by_id[e]) < 1e-5
+                for g, e in zip(got, expected, strict=True)
+            )
+            if not same:
+                mismatches.append({"prompt": prompt, "got": got, "expected": expected})
+        # The stored vectors are the model's own: re-encode a sample from the images' seeds.
+        seeds = {i: s for j in rec.jobs.values() for i, s in j.images.items()}
+        sample = random.Random(0).sample(sorted(set(ids) & set(seeds)), min(20, len(ids)))
+        worst = 1.0
+        for image_id in sample:
+            image = Image.open(io.BytesIO(encode(make_image(seeds[image_id])))).convert("RGB")
+            pixels = processor(images=[image], return_tensors="pt")
+            vec = model.get_image_features(**pixels).pooler_output[0].numpy()
+            cos = float(matrix[ids.index(image_id)] @ (vec / np.linalg.norm(vec)))
+            worst = min(worst, cos)
+    # The worker may decode a large JPEG at reduced scale (DECODE_DRAFT): the cosine is close
+    # to 1, not equal; a wrong or mixed-up vector is far below.
+    return {"prompts": len(PROMPTS), "k": k, "mismatches": mismatches, "sample_min_cos": worst}
+
+
+def admin_check(stack: Stack) -> dict[str, Any]:
+    """Placeholder for `clipsearch admin check` (blobs vs Milvus vs job records): not built."""
+    return {"status": "not available yet"}
