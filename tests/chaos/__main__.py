@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         drained = time.monotonic() - rec.t0
         for hog in hogs:
             hog.kill()
-        load.fill_recovery(rec)
+        report["failed_searches_outside_outages"] = load.fill_recovery(rec)
         rows = verify.all_rows(stack)
         report.update(
             summarise(rec, load_end, drained, stuck),
@@ -168,6 +168,7 @@ def verdict(report: dict[str, Any]) -> bool:
         and not c["unknown"]
         and c["rows"] == c["distinct"]
         and not report["search"]["mismatches"]
+        and not report["failed_searches_outside_outages"]
         and report["search"]["sample_min_cos"] > 0.99
     )
 
@@ -189,6 +190,7 @@ def print_summary(report: dict[str, Any], path: Path) -> None:
         ),
         ("upload errors", report["upload_errors"]),
         ("searches by status", report["searches"]),
+        ("failed searches outside outages", report["failed_searches_outside_outages"]),
         (
             f"search vs brute force mismatches ({report['search']['index']}; approximate)",
             f"{len(report['search']['mismatches'])} of {report['search']['prompts']} "
@@ -206,13 +208,14 @@ def print_summary(report: dict[str, Any], path: Path) -> None:
         print(f"{name:<45} {value}")
     print(
         f"{'kill':<8}{'target':<9}{'at s':>7}{'down s':>8}"
-        f"{'answers':>9}{'search':>8}{'progress':>9}"
+        f"{'answers':>9}{'search':>8}{'progress':>9}{'failed':>8}"
     )
     for k in report["kills"]:
         print(
             f"{k['kind']:<8}{k['target']:<9}{k['killed_at']:>7.1f}"
             f"{k['restarted_at'] - k['killed_at']:>8.1f}{k['answering_after_restart_s']!s:>9}"
             f"{k['search_ok_after_restart_s']!s:>8}{k['progress_after_restart_s']!s:>9}"
+            f"{k['failed_searches']:>8}"
         )
     print(f"report: {path}   {'OK' if report['ok'] else 'LOST OR MISMATCHED: see the report'}")
 

@@ -43,6 +43,7 @@ class Kill:
     answering_at: float = 0.0  # the restarted process answers (ping / port)
     search_ok_at: float = 0.0  # first 200 search after the restart
     progress_at: float = 0.0  # first job progress seen after the restart
+    failed_searches: int = 0  # non-200 answers from the kill to the first 200 after restart
 
 
 @dataclass
@@ -224,9 +225,18 @@ def chaos(stack: Stack, rec: Record, stop: threading.Event, rng: random.Random, 
         kill_and_restart(stack, rec, kind, rng)
 
 
-def fill_recovery(rec: Record) -> None:
-    """For each kill, the first successful search and the first job progress after restart."""
+def fill_recovery(rec: Record) -> int:
+    """For each kill, the first successful search and the first job progress after restart,
+    and the searches that failed in between; the failed searches outside every such window."""
     ok = sorted(t for t, status in rec.searches if status == "200")
+    progress = sorted(rec.progress)
+    failed = [t for t, status in rec.searches if status != "200"]
+    explained: set[float] = set()
     for kill in rec.kills:
         kill.search_ok_at = next((t for t in ok if t >= kill.restarted_at), 0.0)
-        kill.progress_at = next((t for t in sorted(rec.progress) if t >= kill.restarted_at), 0.0)
+        kill.progress_at = next((t for t in progress if t >= kill.restarted_at), 0.0)
+        end = kill.search_ok_at or float("inf")
+        window = [t for t in failed if kill.killed_at <= t <= end]
+        kill.failed_searches = len(window)
+        explained.update(window)
+    return sum(1 for t in failed if t not in explained)
