@@ -151,6 +151,7 @@ def summarise(rec: load.Record, load_end: float, drained: float, stuck: list[str
         "upload_errors": rec.upload_errors,
         "searches": statuses,
         "jobs_vanished": rec.vanished,
+        "counts_went_back": rec.went_back,
         "stuck": stuck,
         "kills": kills,
     }
@@ -189,6 +190,7 @@ def print_summary(report: dict[str, Any], path: Path) -> None:
             f"{len(report['stuck'])}, {len(report['jobs_vanished'])})",
         ),
         ("upload errors", report["upload_errors"]),
+        ("job counts seen going back (Redis lost them)", len(report["counts_went_back"])),
         ("searches by status", report["searches"]),
         ("failed searches outside outages", report["failed_searches_outside_outages"]),
         (

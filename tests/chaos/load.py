@@ -58,6 +58,8 @@ class Record:
     searches: list[tuple[float, str]] = field(default_factory=list)  # (time, status)
     progress: list[float] = field(default_factory=list)  # times a job's counts moved
     vanished: dict[str, float] = field(default_factory=dict)  # job id -> first 404 after 202
+    # (time, job id, counted before, counted now): a job's counts went back (Redis lost them)
+    went_back: list[tuple[float, str, int, int]] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
     used: set[str] = field(default_factory=set)  # image ids handed out
     next_seed: int = 0
@@ -155,6 +157,8 @@ def monitor(rec: Record, url: str, stop: threading.Event) -> None:
                 body = r.json()
                 moved = _counted(body) > _counted(job.last)
                 with rec.lock:
+                    if _counted(body) < _counted(job.last):
+                        rec.went_back.append((now, job.job_id, _counted(job.last), _counted(body)))
                     job.last = body
                     if moved:
                         rec.progress.append(now)
