@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         drained = time.monotonic() - rec.t0
         for hog in hogs:
             hog.kill()
-        report["failed_searches_outside_outages"] = load.fill_recovery(rec)
+        scan = verify.scan_logs(stack.log_dir)
+        report["failed_searches_outside_outages"] = load.fill_recovery(rec, scan.pop("indexed_at"))
         rows = verify.all_rows(stack)
         report.update(
             summarise(rec, load_end, drained, stuck),
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # `clipsearch admin check` (blobs vs Milvus vs job records) goes here when it exists.
             admin_check=verify.admin_check(stack),
             logs=str(stack.log_dir),
-            log_scan=verify.scan_logs(stack.log_dir),
+            log_scan=scan,
         )
     finally:
         for hog in hogs:

@@ -1,4 +1,4 @@
-"""The load of a chaos run: uploaders, searchers, a progress monitor, CPU hogs and the kills."""
+"""The load of a chaos run: uploaders, searchers, a job monitor, CPU hogs and the kills."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class Kill:
     restarted_at: float = 0.0
     answering_at: float = 0.0  # the restarted process answers (ping / port)
     search_ok_at: float = 0.0  # first 200 search after the restart
-    progress_at: float = 0.0  # first job progress seen after the restart
+    progress_at: float = 0.0  # first batch a worker indexed after the restart (its log)
     failed_searches: int = 0  # non-200 answers from the kill to the first 200 after restart
 
 
@@ -51,12 +51,12 @@ class Record:
     """Everything the threads saw, under one lock."""
 
     t0: float
+    t0_wall: float = field(default_factory=time.time)  # the same moment, for log timestamps
     lock: threading.Lock = field(default_factory=threading.Lock)
     jobs: dict[str, Job] = field(default_factory=dict)
     given_up: list[dict[str, Any]] = field(default_factory=list)  # uploads never accepted
     upload_errors: dict[str, int] = field(default_factory=dict)  # status or exception -> n
     searches: list[tuple[float, str]] = field(default_factory=list)  # (time, status)
-    progress: list[float] = field(default_factory=list)  # times a job's counts moved
     vanished: dict[str, float] = field(default_factory=dict)  # job id -> first 404 after 202
     # (time, job id, counted before, counted now): a job's counts went back (Redis lost them)
     went_back: list[tuple[float, str, int, int]] = field(default_factory=list)
@@ -138,7 +138,7 @@ def searcher(rec: Record, url: str, stop: threading.Event, rng: random.Random) -
 
 
 def monitor(rec: Record, url: str, stop: threading.Event) -> None:
-    """Poll unfinished jobs; note when counts move and when a job id stops being known."""
+    """Poll unfinished jobs; note counts that go back and job ids that stop being known."""
     with httpx.Client(base_url=url, timeout=10) as api:
         while not stop.wait(0.4):
             with rec.lock:
@@ -155,13 +155,10 @@ def monitor(rec: Record, url: str, stop: threading.Event) -> None:
                 if r.status_code != 200:
                     continue
                 body = r.json()
-                moved = _counted(body) > _counted(job.last)
                 with rec.lock:
                     if _counted(body) < _counted(job.last):
                         rec.went_back.append((now, job.job_id, _counted(job.last), _counted(body)))
                     job.last = body
-                    if moved:
-                        rec.progress.append(now)
 
 
 def _counted(job: dict[str, Any]) -> int:
@@ -229,11 +226,11 @@ def chaos(stack: Stack, rec: Record, stop: threading.Event, rng: random.Random, 
         kill_and_restart(stack, rec, kind, rng)
 
 
-def fill_recovery(rec: Record) -> int:
+def fill_recovery(rec: Record, indexed: list[float]) -> int:
     """For each kill, the first successful search and the first job progress after restart,
     and the searches that failed in between; the failed searches outside every such window."""
     ok = sorted(t for t, status in rec.searches if status == "200")
-    progress = sorted(rec.progress)
+    progress = sorted(t - rec.t0_wall for t in indexed)
     failed = [t for t, status in rec.searches if status != "200"]
     explained: set[float] = set()
     for kill in rec.kills:

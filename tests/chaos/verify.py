@@ -6,6 +6,7 @@ import io
 import random
 import re
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,11 @@ def admin_check(stack: Stack) -> dict[str, Any]:
 def scan_logs(log_dir: Path) -> dict[str, Any]:
     """What the services said about recovery: sweeper resends, lost batches, errors by log."""
     resent = re.compile(r"stalled: sent (\d+) uncounted images again")
+    indexed = re.compile(
+        r"^(\S+ \S+) INFO services\.worker\.pipeline: .* batch of \d+: [1-9]\d* indexed"
+    )
     out: dict[str, Any] = {"sweeper_resends": 0, "sweeper_resent_images": 0, "errors": {}}
+    out["indexed_at"] = []  # wall-clock times of worker log lines: a batch indexed images
     for name in ("batch_lost", "worker_crashed", "upload_interrupted"):
         out[name] = 0
     for path in sorted(log_dir.glob("*.log")):
@@ -210,4 +215,8 @@ def scan_logs(log_dir: Path) -> dict[str, Any]:
         for name in ("batch_lost", "worker_crashed", "upload_interrupted"):
             out[name] += text.count(name)
         out["errors"][path.stem] = sum(1 for line in text.splitlines() if " ERROR " in line)
+        for line in text.splitlines():
+            if m := indexed.match(line):
+                stamp = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f")
+                out["indexed_at"].append(stamp.timestamp())
     return out
