@@ -34,6 +34,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker-kills", type=int, default=3)
     p.add_argument("--redis-kills", type=int, default=3)
     p.add_argument("--milvus-kills", type=int, default=3)
+    p.add_argument(
+        "--redis-lose-s",
+        type=float,
+        default=0.0,
+        help="restart Redis from its files as they were this many seconds before each kill",
+    )
     p.add_argument("--cpu-hogs", type=int, default=2, help="busy-loop processes")
     p.add_argument("--drain-timeout", type=float, default=300)
     p.add_argument("--batch-size", type=int, default=4, help="EMBED_BATCH_SIZE")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import random
+import shutil
 import signal
 import threading
 import time
@@ -43,6 +44,7 @@ class Kill:
     answering_at: float = 0.0  # the restarted process answers (ping / port)
     search_ok_at: float = 0.0  # first 200 search after the restart
     progress_at: float = 0.0  # first batch a worker indexed after the restart (its log)
+    rolled_back_s: float = 0.0  # Redis restarted from its files as they were this long before
     failed_searches: int = 0  # non-200 answers from the kill to the first 200 after restart
 
 
@@ -189,12 +191,29 @@ def _wait_for(probe: Any, timeout_s: float) -> bool:
     return False
 
 
-def kill_and_restart(stack: Stack, rec: Record, kind: str, rng: random.Random) -> Kill:
-    """SIGKILL one part (a whole worker, Redis or the Milvus Lite server) and start it again."""
+def kill_and_restart(
+    stack: Stack, rec: Record, kind: str, rng: random.Random, *, lose_s: float = 0.0
+) -> Kill:
+    """SIGKILL one part (a whole worker, Redis or the Milvus Lite server) and start it again.
+
+    A SIGKILLed Redis keeps every write it acknowledged (its append-only file is written
+    before it replies; only fsync waits a second, which matters when the machine dies). With
+    `lose_s`, Redis comes back from a copy of its files taken `lose_s` earlier instead: the
+    writes of those last seconds are lost, as in a power cut.
+    """
     s = stack.settings
     target = rng.choice(["worker1", "worker2"]) if kind == "worker" else kind
-    kill = Kill(kind, target, time.monotonic() - rec.t0)
+    aof, copy = stack.data / "redis" / "appendonlydir", stack.data / "redis-copy"
+    rollback = kind == "redis" and lose_s > 0
+    if rollback:
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(aof, copy)
+        time.sleep(lose_s)
+    kill = Kill(kind, target, time.monotonic() - rec.t0, rolled_back_s=lose_s if rollback else 0)
     stack.stop(target, sig=signal.SIGKILL)
+    if rollback:
+        shutil.rmtree(aof)
+        shutil.copytree(copy, aof)
     time.sleep(rng.uniform(0.5, 3.0))  # down for a moment: clients see the outage
     if kind == "worker":
         stack.start_worker(target)
@@ -223,7 +242,7 @@ def chaos(stack: Stack, rec: Record, stop: threading.Event, rng: random.Random, 
         at = slot * (i + 0.5) + rng.uniform(0, slot)
         if stop.wait(max(0.0, at - (time.monotonic() - rec.t0))):
             return
-        kill_and_restart(stack, rec, kind, rng)
+        kill_and_restart(stack, rec, kind, rng, lose_s=args.redis_lose_s)
 
 
 def fill_recovery(rec: Record, indexed: list[float]) -> int:
