@@ -192,7 +192,7 @@ def _wait_for(probe: Any, timeout_s: float) -> bool:
 
 
 def kill_and_restart(
-    stack: Stack, rec: Record, kind: str, rng: random.Random, *, lose_s: float = 0.0
+    stack: Stack, rec: Record, kind: str, rng: random.Random, *, target: str, lose_s: float = 0.0
 ) -> Kill:
     """SIGKILL one part (a whole worker, Redis or the Milvus Lite server) and start it again.
 
@@ -202,7 +202,6 @@ def kill_and_restart(
     writes of those last seconds are lost, as in a power cut.
     """
     s = stack.settings
-    target = rng.choice(["worker1", "worker2"]) if kind == "worker" else kind
     aof, copy = stack.data / "redis" / "appendonlydir", stack.data / "redis-copy"
     rollback = kind == "redis" and lose_s > 0
     if rollback:
@@ -237,12 +236,17 @@ def chaos(stack: Stack, rec: Record, stop: threading.Event, rng: random.Random, 
     kinds = ["worker"] * args.worker_kills + ["redis"] * args.redis_kills
     kinds += ["milvus"] * args.milvus_kills
     rng.shuffle(kinds)
+    workers = rng.sample(["worker1", "worker2"], 2)  # then each in turn: both get killed
     slot = args.duration / (len(kinds) + 1)
     for i, kind in enumerate(kinds):
         at = slot * (i + 0.5) + rng.uniform(0, slot)
         if stop.wait(max(0.0, at - (time.monotonic() - rec.t0))):
             return
-        kill_and_restart(stack, rec, kind, rng, lose_s=args.redis_lose_s)
+        target = kind
+        if kind == "worker":
+            target = workers[0]
+            workers.reverse()
+        kill_and_restart(stack, rec, kind, rng, target=target, lose_s=args.redis_lose_s)
 
 
 def fill_recovery(rec: Record, indexed: list[float]) -> int:
