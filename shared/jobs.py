@@ -350,6 +350,13 @@ class JobStore:
         raw, errors = pipe.execute()
         if not raw:
             raise NotFound(f"no job {job_id!r}", code="job_not_found")
+        if "total" not in raw or "state" not in raw:
+            # Redis came back without the job's creation (it lost its last writes: a power cut,
+            # a restore); later writes for the job left only fragments. Not a 500.
+            raise NotFound(
+                f"job {job_id!r} has only fragments of a record: Redis lost its creation",
+                code="job_not_found",
+            )
         total, done = int(raw["total"]), int(raw["done"])
         failed, dup = int(raw["failed"]), int(raw["duplicates"])
         processed = done + failed + dup

@@ -112,3 +112,10 @@ def test_namespaces_keep_deployments_apart(jobs: JobStore) -> None:
     assert [j["job_id"] for j in other.recent()] == [theirs]
     with pytest.raises(NotFound):
         jobs.get(theirs)
+
+
+def test_a_record_redis_lost_in_part_is_not_found_not_a_crash(jobs: JobStore) -> None:
+    """Found by the chaos run: Redis restored without a job's creation, then a worker touched it."""
+    jobs.touch("gone")
+    with pytest.raises(NotFound, match="fragments"):
+        jobs.get("gone")
