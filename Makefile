@@ -53,5 +53,10 @@ unit: install
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
+# Kill workers, Redis and Milvus under load, then check nothing was lost (see RELIABILITY.md);
+# CHAOS_ARGS="--duration 300 --seed 7 --worker-kills 4" and so on (python -m tests.chaos -h).
+chaos: install
+	$(PY) -m tests.chaos $(CHAOS_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

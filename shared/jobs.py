@@ -107,6 +107,11 @@ redis.call('HSET', KEYS[1], 'last_seq', s, 'touched_at', ARGV[1])
 return {b, s}
 """
 
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'touched_at', ARGV[1]) end
+return 1
+"""
+
 _CANCEL = (
     _RETIRE
     + """
@@ -177,6 +182,7 @@ class JobStore:
         self._record = client.register_script(_RECORD)
         self._start = client.register_script(_START)
         self._add_batch = client.register_script(_ADD_BATCH)
+        self._touch = client.register_script(_TOUCH)
         self._cancel = client.register_script(_CANCEL)
 
     @classmethod
@@ -293,8 +299,12 @@ class JobStore:
         pipe.execute()
 
     def touch(self, job_id: str) -> None:
-        """A batch of the job is making progress (the sweeper leaves it alone)."""
-        self.r.hset(self._job_key(job_id), "touched_at", time.time())
+        """A batch of the job is making progress (the sweeper leaves it alone).
+
+        Only a job that still has a record: a write to one that expired or that Redis lost
+        would leave a fragment behind, with no retention time.
+        """
+        self._touch(keys=self._keys(job_id), args=[time.time()])
 
     def state(self, job_id: str) -> str | None:
         """The job's state, or None if there is no such job."""
@@ -350,6 +360,13 @@ class JobStore:
         raw, errors = pipe.execute()
         if not raw:
             raise NotFound(f"no job {job_id!r}", code="job_not_found")
+        if "total" not in raw or "state" not in raw:
+            # Redis came back without the job's creation (it lost its last writes: a power cut,
+            # a restore); later writes for the job left only fragments. Not a 500.
+            raise NotFound(
+                f"job {job_id!r} has only fragments of a record: Redis lost its creation",
+                code="job_not_found",
+            )
         total, done = int(raw["total"]), int(raw["done"])
         failed, dup = int(raw["failed"]), int(raw["duplicates"])
         processed = done + failed + dup

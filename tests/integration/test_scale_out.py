@@ -158,9 +158,10 @@ def test_many_workers_on_real_milvus_and_s3(sstack: Stack, s3_server: S3Server) 
         job_id = response.json()["job_id"]
         t_upload = time.monotonic() - t0
 
-        # The batches are queued and three workers are on them: the job is running. A machine
-        # joins now (a worker takes a while to load on a busy host) ...
-        assert api.get(f"/v1/jobs/{job_id}").json()["done"] < N // 10
+        # The batches are queued and three workers are on them: the job is running (they start
+        # while the upload is still being stored, so some are done already). A machine joins
+        # now (a worker takes a while to load on a busy host) ...
+        assert api.get(f"/v1/jobs/{job_id}").json()["done"] < N // 2
         sstack.start_worker("worker4")
         wait_for_done(api, job_id, N // 3)
         sstack.send("worker3", signal.SIGTERM, group=False)  # ... and one leaves: warm shutdown

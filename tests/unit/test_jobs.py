@@ -112,3 +112,15 @@ def test_namespaces_keep_deployments_apart(jobs: JobStore) -> None:
     assert [j["job_id"] for j in other.recent()] == [theirs]
     with pytest.raises(NotFound):
         jobs.get(theirs)
+
+
+def test_a_record_redis_lost_in_part_is_not_found_not_a_crash(jobs: JobStore) -> None:
+    """Found by the chaos run: Redis restored without a job's creation, then a write for it."""
+    jobs.r.hset(f"{jobs.namespace}:job:gone", "touched_at", 1.0)
+    with pytest.raises(NotFound, match="fragments"):
+        jobs.get("gone")
+
+
+def test_touching_a_job_that_has_no_record_leaves_nothing_behind(jobs: JobStore) -> None:
+    jobs.touch("0" * 32)  # expired, or lost by Redis: no fragment, no key without a TTL
+    assert jobs.r.exists(f"{jobs.namespace}:job:{'0' * 32}") == 0
