@@ -39,8 +39,6 @@ class BlobStore:
     Every backend has put/get/exists/delete and `local_path`; only this one has `path`.
     """
 
-    backend = "local"
-
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)

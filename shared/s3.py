@@ -34,8 +34,6 @@ def _code(exc: ClientError) -> str:
 class S3BlobStore(BlobStore):
     """Blobs as objects in one bucket, keyed by SHA-256 hex (under an optional prefix)."""
 
-    backend = "s3"
-
     def __init__(
         self,
         *,

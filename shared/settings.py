@@ -40,7 +40,6 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     api_keys_on_reads: bool = False
     query_url: str = "http://127.0.0.1:8001"
-    gateway_url: str = "http://127.0.0.1:8000"
     gateway_port: int = 8000
     query_port: int = 8001
     embed_batch_size: int = Field(default=64, ge=1, le=4096)  # images per Celery task
@@ -55,7 +54,6 @@ class Settings(BaseSettings):
     max_archive_entries: int = 20_000
     max_archive_bytes: int = 2 * 1024 * 1024 * 1024
     max_metadata_bytes: int = 16 * 1024
-    max_search_k: int = 200
     # Longest an embed task may run before the broker hands it to another worker.
     task_visibility_timeout_s: int = 3600
     # Blob store backend: `local` (BLOB_DIR) or `s3` (an S3-compatible bucket, for many hosts).

@@ -180,6 +180,14 @@ class VectorStore:
         self.client.list_collections(timeout=CALL_TIMEOUT_S)
         return True
 
+    def probe(self) -> None:
+        """Raise unless Milvus answers; after a failure the next call reconnects."""
+        try:
+            self.ping()
+        except Exception:
+            self.reset()
+            raise
+
     @_unavailable
     def exists(self) -> bool:
         """Whether the collection has been created."""

@@ -370,15 +370,7 @@ app.include_router(admin.router)
 
 def _probes(request: Request) -> dict[str, Probe]:
     g = gw(request)
-
-    def milvus() -> None:
-        try:
-            g.vectors.ping()
-        except Exception:
-            g.vectors.reset()  # the next call reconnects
-            raise
-
-    return {"redis": g.jobs.ping, "milvus": milvus, "blobs": g.blobs.ping}
+    return {"redis": g.jobs.ping, "milvus": g.vectors.probe, "blobs": g.blobs.ping}
 
 
 app.include_router(health_router(_probes))

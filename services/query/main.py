@@ -43,7 +43,8 @@ STAGE_SECONDS = Histogram(
 
 
 class Filters(BaseModel):
-    """Typed filters: each value is bound as a parameter, never pasted into an expression."""
+    """Typed filters: each value is escaped as a literal (shared/vectors.py `literal`) before it
+    goes into the expression; Milvus Lite ignores filter templates."""
 
     job_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
     tag: str | None = Field(default=None, min_length=1, max_length=128)
@@ -257,14 +258,7 @@ def _probes(request: Request) -> dict[str, Probe]:
         if searcher.encoder is None:
             raise RuntimeError(searcher.load_error or "loading")
 
-    def milvus() -> None:
-        try:
-            searcher.vectors.ping()
-        except Exception:
-            searcher.vectors.reset()  # the next call reconnects
-            raise
-
-    return {"model": model, "milvus": milvus}
+    return {"model": model, "milvus": searcher.vectors.probe}
 
 
 app.include_router(

@@ -2,8 +2,8 @@
 
 transformers' PIL backend converts every image PIL → numpy → PIL → numpy and normalises one
 image at a time (about 4 ms an image here). This does the same resize (PIL, same filter and
-output size), the same centre crop, then rescales and normalises the whole batch at once in
-torch. The result equals the processor's within float rounding (a test holds it to that);
+output size), the same centre crop, then rescales and normalises each image in numpy, in
+place. The result equals the processor's within float rounding (a test holds it to that);
 any processor setting this does not reproduce exactly falls back to the processor itself.
 """
 
